@@ -1,0 +1,7 @@
+"""``python -m ckpt`` runs the ``ckpt`` command line."""
+
+import sys
+
+from ckpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,279 @@
+"""Turning a training state into (tensors, JSON tree) and back, without pickle.
+
+``flatten`` walks the user's state (nested dicts, lists, tuples, tensors, numpy arrays, plain
+values, and any object with ``state_dict``/``load_state_dict``), names every tensor by its path
+(``model.layer.weight``) and encodes everything else as the tagged JSON tree of
+``docs/format.md``. ``plan_restore`` walks a target state alongside a saved tree, lists every
+mismatch at once, and returns which tensors to fill in place and which ``load_state_dict``
+calls to make once the bytes are in.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from ckpt._tensors import dtype_name, numpy_to_tensor, torch_dtype
+from ckpt.errors import StateMismatchError, UnsupportedStateError
+from ckpt.metadata import TensorMeta
+
+__all__ = ["FlatState", "flatten", "RestorePlan", "plan_restore"]
+
+
+def _is_stateful(obj: Any) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def _key_str(k: Any) -> str:
+    return k if isinstance(k, str) else repr(k) if isinstance(k, tuple) else str(k)
+
+
+@dataclass
+class FlatState:
+    """A flattened state: ``tree`` is the JSON encoding, ``tensors`` maps names to tensors."""
+
+    tree: Any
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    ndarrays: set[str] = field(default_factory=set)
+    rank_local: tuple[str, ...] = ()
+    rank: int = 0
+
+
+def flatten(state: Any, *, rank_local: tuple[str, ...] = (), rank: int = 0) -> FlatState:
+    """Encode ``state`` as a tagged JSON tree plus named tensors.
+
+    Args:
+        state: the state to encode.
+        rank_local: top-level keys whose tensors belong to this rank only; their names get a
+            ``rank<NNNNN>/`` prefix so they never count as replicas of another rank's tensors.
+        rank: this process's rank.
+
+    Raises:
+        UnsupportedStateError: for a value that cannot be stored without pickle (its path is
+            named), or two tensors that would get the same name.
+    """
+    out = FlatState(tree=None, rank_local=tuple(rank_local), rank=rank)
+    out.tree = _encode(state, "", out, depth=0)
+    return out
+
+
+def _add_tensor(out: FlatState, name: str, t: torch.Tensor) -> str:
+    if not name:
+        name = "tensor"
+    if out.rank_local and name.split(".", 1)[0] in out.rank_local:
+        name = f"rank{out.rank:05d}/{name}"
+    if name in out.tensors:
+        raise UnsupportedStateError(
+            f"two tensors in the state are both named {name!r} (keys that differ only in type or "
+            "that contain '.' can collide); rename one of the keys"
+        )
+    dtype_name(t.dtype, where=f"tensor {name!r}")
+    if t.is_sparse or t.layout != torch.strided:
+        raise UnsupportedStateError(f"tensor {name!r} has layout {t.layout}; convert it with .to_dense() first")
+    if t.device.type == "meta":
+        raise UnsupportedStateError(f"tensor {name!r} is on the meta device and holds no data")
+    out.tensors[name] = t
+    return name
+
+
+def _encode(obj: Any, path: str, out: FlatState, depth: int) -> Any:
+    if depth > 60:
+        raise UnsupportedStateError(f"{path or '(root)'}: state nested more than 60 levels deep")
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return float(obj)
+        return {"$float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
+            # DTensor and other subclasses arrive with the layouts work; refuse rather than guess.
+            raise UnsupportedStateError(
+                f"{path}: tensor subclass {type(obj).__name__} is not supported yet; pass its "
+                "local tensor (e.g. dtensor.full_tensor()) instead"
+            )
+        return {"$tensor": _add_tensor(out, path, obj)}
+    if isinstance(obj, np.ndarray):
+        name = _add_tensor(out, path, numpy_to_tensor(obj, where=path))
+        out.ndarrays.add(name)
+        return {"$ndarray": name}
+    if isinstance(obj, np.generic):
+        return _encode(obj.item(), path, out, depth + 1)
+    if isinstance(obj, (bytes, bytearray)):
+        return {"$bytes": base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, Mapping):
+        items = []
+        for k, v in obj.items():
+            if not (k is None or isinstance(k, (bool, int, float, str, tuple))):
+                raise UnsupportedStateError(f"{path or '(root)'}: dict key {k!r} of type {type(k).__name__} cannot be stored")
+            child = f"{path}.{_key_str(k)}" if path else _key_str(k)
+            items.append([_encode(k, f"{path}[key]", out, depth + 1), _encode(v, child, out, depth + 1)])
+        return {"$dict": items}
+    if isinstance(obj, list):
+        return [_encode(v, f"{path}.{i}" if path else str(i), out, depth + 1) for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return {"$tuple": [_encode(v, f"{path}.{i}" if path else str(i), out, depth + 1) for i, v in enumerate(obj)]}
+    if _is_stateful(obj):
+        return _encode(obj.state_dict(), path, out, depth + 1)
+    raise UnsupportedStateError(
+        f"{path or '(root)'}: value of type {type(obj).__module__}.{type(obj).__qualname__} cannot be "
+        "stored without pickle; supported are tensors, numpy arrays, dict/list/tuple, int, float, "
+        "str, bool, None, bytes, and objects with state_dict()/load_state_dict()"
+    )
+
+
+def decode_key(node: Any) -> Any:
+    """Decode a dict key node (plain scalars, ``$float``, ``$tuple``, ``$bytes``)."""
+    return _decode_plain(node)
+
+
+def _decode_plain(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_decode_plain(x) for x in node]
+    if isinstance(node, dict):
+        ((tag, val),) = node.items()
+        if tag == "$float":
+            return float(val)
+        if tag == "$tuple":
+            return tuple(_decode_plain(x) for x in val)
+        if tag == "$bytes":
+            return base64.b64decode(val)
+        if tag == "$dict":
+            return {_decode_plain(k): _decode_plain(v) for k, v in val}
+        raise ValueError(f"tensor reference {node} where a plain value was expected")
+    return node
+
+
+# --------------------------------------------------------------------------------------------
+# Restore planning
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RestorePlan:
+    """What ``load`` must do for one target state.
+
+    Attributes:
+        state: the restored tree (the target's own containers and tensors where they fit).
+        fills: ``(tensor name, target tensor)``: read the saved tensor into this tensor.
+        ndarrays: ``(tensor name, target array)`` for numpy arrays.
+        finalizers: ``load_state_dict`` calls to make after every fill succeeded (post-order).
+        problems: every mismatch found (shape, dtype, missing entries).
+    """
+
+    state: Any = None
+    fills: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    finalizers: list[Callable[[], None]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def plan_restore(target: Any, tree: Any, tensors: Mapping[str, TensorMeta], *, strict: bool = True) -> RestorePlan:
+    """Match ``target`` against a saved ``tree``; never touches tensor data.
+
+    Tensors in the target with the saved shape and dtype are filled in place; where the target
+    has no tensor (``None``, a missing key, an empty optimizer state) a new CPU tensor is made.
+    """
+    plan = RestorePlan()
+    plan.state = _restore(target, tree, "", tensors, plan, strict)
+    return plan
+
+
+def _restore(target: Any, node: Any, path: str, tensors: Mapping[str, TensorMeta], plan: RestorePlan, strict: bool) -> Any:
+    where = path or "(root)"
+    if _is_stateful(target) and not isinstance(target, torch.Tensor):
+        sd = target.state_dict()
+        filled = _restore(sd, node, path, tensors, plan, strict)
+        plan.finalizers.append(lambda t=target, s=filled: t.load_state_dict(s))
+        return target
+    if isinstance(node, dict):
+        ((tag, val),) = node.items()
+        if tag in ("$tensor", "$ndarray"):
+            meta = tensors[val]
+            shape = tuple(meta.shape)
+            if isinstance(target, np.ndarray) and tag == "$ndarray":
+                return _restore_ndarray(target, val, meta, where, plan)
+            if isinstance(target, torch.Tensor):
+                problems = []
+                if tuple(target.shape) != shape:
+                    problems.append(f"shape {list(target.shape)} in the state, {list(shape)} in the checkpoint")
+                if dtype_name(target.dtype, where=where) != meta.dtype:
+                    problems.append(f"dtype {dtype_name(target.dtype)} in the state, {meta.dtype} in the checkpoint")
+                if problems:
+                    plan.problems.append(f"{where} (tensor {val!r}): " + "; ".join(problems))
+                    return target
+                plan.fills.append((val, target))
+                return target
+            if target is not None and strict:
+                plan.problems.append(f"{where}: checkpoint has tensor {val!r}, the state has {type(target).__name__}")
+                return target
+            try:
+                new = torch.empty(shape, dtype=torch_dtype(meta.dtype))
+            except Exception as e:  # an unknown dtype on this torch
+                plan.problems.append(f"{where}: {e}")
+                return target
+            plan.fills.append((val, new))
+            return new.numpy() if tag == "$ndarray" else new
+        if tag == "$dict":
+            return _restore_dict(target, val, path, tensors, plan, strict)
+        if tag == "$tuple":
+            items = list(target) if isinstance(target, tuple) and len(target) == len(val) else [None] * len(val)
+            return tuple(
+                _restore(t, n, f"{path}.{i}" if path else str(i), tensors, plan, strict) for i, (t, n) in enumerate(zip(items, val))
+            )
+        return _decode_plain(node)
+    if isinstance(node, list):
+        if isinstance(target, list) and len(target) == len(node):
+            for i, n in enumerate(node):
+                target[i] = _restore(target[i], n, f"{path}.{i}" if path else str(i), tensors, plan, strict)
+            return target
+        return [_restore(None, n, f"{path}.{i}" if path else str(i), tensors, plan, strict) for i, n in enumerate(node)]
+    if isinstance(target, torch.Tensor) and strict:
+        plan.problems.append(f"{where}: the state has a tensor, the checkpoint has {type(node).__name__} {node!r}")
+        return target
+    return node
+
+
+def _restore_ndarray(target: np.ndarray, name: str, meta: TensorMeta, where: str, plan: RestorePlan) -> Any:
+    tt = torch.from_numpy(target) if target.flags.writeable and target.dtype.kind in "biufc" else None
+    if tt is None or tuple(tt.shape) != tuple(meta.shape) or dtype_name(tt.dtype, where=where) != meta.dtype:
+        new = torch.empty(tuple(meta.shape), dtype=torch_dtype(meta.dtype))
+        plan.fills.append((name, new))
+        return new.numpy()
+    plan.fills.append((name, tt))
+    return target
+
+
+def _restore_dict(target: Any, pairs: list, path: str, tensors: Mapping[str, TensorMeta], plan: RestorePlan, strict: bool) -> Any:
+    out = target if isinstance(target, dict) else {}
+    seen = set()
+    for knode, vnode in pairs:
+        k = _decode_plain(knode)
+        seen.add(k)
+        child = f"{path}.{_key_str(k)}" if path else _key_str(k)
+        out[k] = _restore(out.get(k) if isinstance(target, dict) else None, vnode, child, tensors, plan, strict)
+    if isinstance(target, dict) and strict:
+        for k, v in target.items():
+            if k not in seen and _holds_tensor(v):
+                child = f"{path}.{_key_str(k)}" if path else _key_str(k)
+                plan.problems.append(f"{child}: in the state but not in the checkpoint")
+    return out
+
+
+def _holds_tensor(v: Any) -> bool:
+    if isinstance(v, (torch.Tensor, np.ndarray)) or _is_stateful(v):
+        return True
+    if isinstance(v, Mapping):
+        return any(_holds_tensor(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_holds_tensor(x) for x in v)
+    return False
+
+
+def raise_problems(plan: RestorePlan, where: str) -> None:
+    if plan.problems:
+        raise StateMismatchError(plan.problems, where=where)
