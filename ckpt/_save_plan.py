@@ -78,17 +78,21 @@ def split_rows(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> list[
     return [((start,) + zeros, (min(rows, total_rows - start),) + rest) for start in range(0, total_rows, rows)]
 
 
-def pack_objects(sizes: Sequence[int], *, max_object_bytes: int, min_objects: int = 1) -> list[list[int]]:
+def pack_objects(
+    sizes: Sequence[int], *, max_object_bytes: int, min_objects: int = 1, min_object_bytes: int = 16 << 20
+) -> list[list[int]]:
     """Group item indices (in order) into objects of about ``max_object_bytes``.
 
-    With fewer items than objects wanted, each item gets its own object. The target size shrinks
-    so that at least ``min_objects`` objects exist when there is enough data, which lets a pool
-    of that many threads write in parallel.
+    The target size shrinks so that at least ``min_objects`` objects exist when there is enough
+    data (a pool of that many threads then writes in parallel), but not below
+    ``min_object_bytes``: small states stay in one object. An item larger than the target gets
+    an object of its own.
     """
     total = sum(sizes)
     if not sizes:
         return []
-    target = max(1, min(max_object_bytes, math.ceil(total / max(1, min_objects))))
+    spread = math.ceil(total / max(1, min_objects))
+    target = max(1, min(max_object_bytes, max(spread, min(min_object_bytes, max_object_bytes))))
     groups: list[list[int]] = [[]]
     filled = 0
     for i, s in enumerate(sizes):
