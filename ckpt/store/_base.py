@@ -60,7 +60,9 @@ def _validate_prefix(prefix: str) -> str:
     be empty (a trailing ``/``) or any run of key characters (a partial segment).
     """
     if not isinstance(prefix, str) or len(prefix) > _MAX_KEY:
-        raise InvalidKeyError(f"prefix {prefix!r} must be a string of at most {_MAX_KEY} characters")
+        raise InvalidKeyError(
+            f"prefix {prefix!r} must be a string of at most {_MAX_KEY} characters"
+        )
     if not prefix:
         return prefix
     head, _, last = prefix.rpartition("/")
@@ -135,8 +137,8 @@ class Store(ABC):
 
     def get_range_into(self, key: str, start: int, out: memoryview) -> None:
         """Fill ``out`` (a writable byte buffer) with ``len(out)`` bytes from ``start``."""
-        data = self.get_range(key, start, len(out))
-        out[:] = data
+        view = memoryview(out).cast("B")
+        view[:] = self.get_range(key, start, view.nbytes)
 
     @abstractmethod
     def exists(self, key: str) -> bool:
