@@ -24,13 +24,22 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, TypeVar, Union
+from typing import Any, Callable, ClassVar, TypeVar
 
-import crc32c as _crc32c
 import numpy as np
-import xxhash as _xxhash
 import zstandard as _zstd
 
+from ckpt._checksums import (
+    CHECKSUM_ALGORITHMS,
+    DEFAULT_CHECKSUM,
+    BufferLike,
+    Hasher,
+    byte_view as _byte_view,
+    checksum,
+    parse_checksum,
+    check_keys as _check_keys,
+    short_repr as _short,
+)
 from ckpt.errors import CodecError
 
 __all__ = [
@@ -49,15 +58,7 @@ __all__ = [
     "default_chain",
 ]
 
-BufferLike = Union[bytes, bytearray, memoryview, np.ndarray]
-"""Anything exporting a C-contiguous buffer; numpy arrays of any dtype are accepted."""
-
 JSONObject = dict[str, Any]
-
-CHECKSUM_ALGORITHMS: tuple[str, ...] = ("crc32c", "xxh3_64")
-DEFAULT_CHECKSUM = "crc32c"
-_HEX_WIDTH: dict[str, int] = {"crc32c": 8, "xxh3_64": 16}
-_LOWER_HEX = frozenset("0123456789abcdef")
 
 MAX_CHAIN_LENGTH = 16
 """Most codecs a chain read from a manifest may hold (a bound on hostile input)."""
@@ -68,167 +69,13 @@ MAX_ELEMENTSIZE = 256
 _CODEC_NAME_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 
 
-def _byte_view(data: BufferLike) -> memoryview:
-    """Returns a flat, unsigned-byte memoryview over ``data`` without copying.
-
-    Raises:
-        CodecError: ``data`` is not a buffer, or is not C-contiguous (copy it with
-            ``np.ascontiguousarray`` first).
-    """
-    if isinstance(data, np.ndarray):
-        if not data.flags.c_contiguous:
-            raise CodecError(
-                f"numpy array of shape {data.shape} is not C-contiguous; codecs and checksums "
-                "read the buffer in place: pass np.ascontiguousarray(array)"
-            )
-        return memoryview(data.reshape(-1).view(np.uint8))
-    try:
-        view = data if isinstance(data, memoryview) else memoryview(data)
-    except TypeError as exc:
-        raise CodecError(
-            f"expected a bytes-like buffer (bytes, bytearray, memoryview, numpy array), got "
-            f"{type(data).__name__}"
-        ) from exc
-    if not view.c_contiguous:
-        raise CodecError(
-            f"buffer of shape {view.shape} is not C-contiguous; copy it into a contiguous "
-            "buffer first"
-        )
-    if view.ndim == 1 and view.format == "B":
-        return view
-    try:
-        return view.cast("B")
-    except TypeError as exc:
-        raise CodecError(f"cannot view buffer of format {view.format!r} as bytes: {exc}") from exc
-
-
-def _short(value: object) -> str:
-    """Returns ``repr(value)`` cut to 60 characters, for messages about untrusted input."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _check_decoded_size(decoded_size: int) -> None:
     if isinstance(decoded_size, bool) or not isinstance(decoded_size, int):
         raise TypeError(f"decoded_size must be an int, got {type(decoded_size).__name__}")
     if decoded_size < 0:
         raise CodecError(f"decoded_size must be >= 0, got {decoded_size}")
 
-
-# --------------------------------------------------------------------------------- checksums
-
-
-def _check_algorithm(algorithm: object, *, where: str) -> str:
-    if not isinstance(algorithm, str) or algorithm not in _HEX_WIDTH:
-        raise CodecError(
-            f"{where}: unknown checksum algorithm {_short(algorithm)}; known algorithms: "
-            f"{', '.join(CHECKSUM_ALGORITHMS)}"
-        )
-    return algorithm
-
-
-class Hasher:
-    """Incremental checksum over one or more buffers, fed back to back.
-
-    Example::
-
-        h = Hasher("crc32c")
-        h.update(b"1234")
-        h.update(memoryview(b"56789"))
-        h.hexdigest()  # "e3069283", same as checksum("crc32c", b"123456789")
-
-    Args:
-        algorithm: one of :data:`CHECKSUM_ALGORITHMS`.
-
-    Raises:
-        CodecError: the algorithm is unknown.
-    """
-
-    __slots__ = ("algorithm", "_crc", "_xxh")
-
-    def __init__(self, algorithm: str) -> None:
-        self.algorithm = _check_algorithm(algorithm, where="Hasher")
-        self._crc = 0
-        self._xxh = _xxhash.xxh3_64() if algorithm == "xxh3_64" else None
-
-    def update(self, data: BufferLike) -> None:
-        """Feeds ``data`` (any C-contiguous buffer) to the hash; the buffer is not copied."""
-        view = _byte_view(data)
-        if self._xxh is not None:
-            self._xxh.update(view)
-        else:
-            self._crc = _crc32c.crc32c(view, self._crc)
-
-    def hexdigest(self) -> str:
-        """Returns the digest as fixed-width lowercase hex (8 chars crc32c, 16 xxh3_64)."""
-        if self._xxh is not None:
-            return format(self._xxh.intdigest(), "016x")
-        return format(self._crc, "08x")
-
-
-def checksum(algorithm: str, data: BufferLike | list[BufferLike] | tuple[BufferLike, ...]) -> str:
-    """Returns the hex checksum of ``data``; a list or tuple of buffers is hashed back to back.
-
-    Raises:
-        CodecError: the algorithm is unknown or a buffer is not C-contiguous.
-    """
-    hasher = Hasher(algorithm)
-    if isinstance(data, (list, tuple)):
-        for part in data:
-            hasher.update(part)
-    else:
-        hasher.update(data)
-    return hasher.hexdigest()
-
-
-def parse_checksum(obj: object, *, where: str) -> tuple[str, str]:
-    """Validates an untrusted ``{"algorithm": ..., "value": ...}`` checksum record.
-
-    Args:
-        obj: the parsed JSON value.
-        where: field path used in error messages, e.g. ``"tensors['w'].chunks[3].checksum"``.
-
-    Returns:
-        ``(algorithm, lowercase_hex_value)``.
-
-    Raises:
-        CodecError: ``obj`` is not such an object, has missing or extra keys, names an unknown
-            algorithm, or its value is not lowercase hex of the algorithm's width.
-    """
-    if not isinstance(obj, dict):
-        raise CodecError(
-            f"{where}: expected an object {{'algorithm': ..., 'value': ...}}, got "
-            f"{type(obj).__name__}; the manifest is corrupt"
-        )
-    _check_keys(obj, required=("algorithm", "value"), where=where)
-    algorithm = _check_algorithm(obj["algorithm"], where=f"{where}.algorithm")
-    value = obj["value"]
-    width = _HEX_WIDTH[algorithm]
-    if not isinstance(value, str) or len(value) != width or not _LOWER_HEX.issuperset(value):
-        raise CodecError(
-            f"{where}.value: expected {width} lowercase hex digits for {algorithm}, got "
-            f"{_short(value)}; the manifest is corrupt"
-        )
-    return algorithm, value
-
-
 # ------------------------------------------------------------------------ field validation
-
-
-def _check_keys(obj: Mapping[Any, Any], *, required: tuple[str, ...], where: str) -> None:
-    """Raises CodecError unless ``obj`` has exactly the keys ``required``."""
-    missing = [k for k in required if k not in obj]
-    extra = [k for k in obj if k not in required]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(map(repr, missing))}")
-        if extra:
-            parts.append(f"unexpected {', '.join(_short(k) for k in sorted(extra, key=repr)[:8])}")
-        raise CodecError(
-            f"{where}: {'; '.join(parts)} (expected exactly the keys "
-            f"{', '.join(map(repr, required))})"
-        )
 
 
 def _int_field(value: object, *, lo: int, hi: int, where: str) -> int:
