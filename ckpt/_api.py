@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Mapping, Optional, Union
 
 from ckpt import _commit
@@ -27,10 +28,18 @@ def open_manifest(
 
 
 def retain(
-    url: Union[str, Store], *, keep_last: int, storage_options: Optional[Mapping[str, Any]] = None
+    url: Union[str, Store],
+    *,
+    keep_last: int,
+    grace: timedelta = _commit.DEFAULT_GRACE,
+    storage_options: Optional[Mapping[str, Any]] = None,
 ) -> _commit.RetentionReport:
-    """Keep the newest ``keep_last`` committed steps under ``url``; delete older ones safely."""
-    return _commit.retain(open_store(url, storage_options=storage_options), keep_last)
+    """Keep the newest ``keep_last`` committed steps under ``url``; delete older ones safely.
+
+    Data of saves that never committed is removed once it is older than ``grace`` (younger
+    data may belong to a save in flight). See ``docs/format.md``, "Commit protocol".
+    """
+    return _commit.retain(open_store(url, storage_options=storage_options), keep_last, grace=grace)
 
 
 def verify(

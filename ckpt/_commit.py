@@ -9,7 +9,9 @@ crash at any point leaves every kept step loadable.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Iterable, Optional
 
 from ckpt.errors import CheckpointNotFoundError, ManifestTooLargeError, ObjectNotFoundError
@@ -90,15 +92,33 @@ def _data_ref(key: str) -> Optional[SaveRef]:
     return parse_manifest_key(f"manifests/{head}.json")
 
 
-def retain(store: Store, keep_last: int) -> RetentionReport:
+#: Uncommitted data younger than this may belong to a save still in flight: retention keeps it.
+DEFAULT_GRACE = timedelta(minutes=10)
+
+
+def save_created_s(ref: SaveRef) -> float:
+    """When the save started, in Unix seconds, from the clock part of its save id."""
+    return int(ref.save_id[:16], 16) / 1e9
+
+
+def retain(store: Store, keep_last: int, *, now_s: Optional[float] = None, grace: timedelta = DEFAULT_GRACE) -> RetentionReport:
     """Keep the newest save of the last ``keep_last`` committed steps; delete the rest.
 
-    Order: superseded and expired manifests first (that un-commits them), then data objects
-    that no kept manifest references and that belong to a step no newer than the newest kept
-    one (newer unreferenced data may be a save still in flight).
+    Order: superseded and expired manifests first (that un-commits them), then their data.
+    Data that no manifest ever referenced (a crashed save) is deleted only when its step is no
+    newer than the newest kept step and its save started more than ``grace`` before ``now_s``:
+    younger uncommitted data may be a save still in flight (e.g. a re-save of an older step).
+    Leftovers of puts killed mid-write that are older than ``grace`` are swept too.
+
+    Args:
+        store: the checkpoint root.
+        keep_last: how many committed steps to keep (>= 1).
+        now_s: the current time in Unix seconds (default: the system clock).
+        grace: the age below which uncommitted data is never deleted.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    now = time.time() if now_s is None else now_s
     report = RetentionReport()
     refs = list_saves(store)
     latest = latest_saves(refs)
@@ -107,30 +127,32 @@ def retain(store: Store, keep_last: int) -> RetentionReport:
     kept_steps = sorted(latest)[-keep_last:]
     kept = {latest[s] for s in kept_steps}
     report.kept_steps = kept_steps
-    for ref in refs:
-        if ref not in kept:
-            store.delete(ref.manifest_key)
-            report.deleted_manifests.append(ref.manifest_key)
+    dropped = [ref for ref in refs if ref not in kept]
+    for ref in dropped:
+        store.delete(ref.manifest_key)
+        report.deleted_manifests.append(ref.manifest_key)
     newest = max(kept_steps)
-    doomed = []
-    for key in store.list(_DATA_DIR):
-        ref = _data_ref(key)
-        if ref is not None and ref not in kept and ref.step <= newest:
-            doomed.append(key)
-    store.delete_many(doomed)
-    report.deleted_objects = len(doomed)
-    if report.deleted_manifests or doomed:
-        log.info("retention at %s kept steps %s, deleted %d manifest(s) and %d object(s)",
-                 store.url, kept_steps, len(report.deleted_manifests), len(doomed))
+    was_committed = set(dropped)
+    doomed = set(was_committed)
+    for ref in {r for r in map(_data_ref, store.list(_DATA_DIR)) if r is not None}:
+        if ref in kept or ref in doomed:
+            continue
+        if ref.step <= newest and save_created_s(ref) < now - grace.total_seconds():
+            doomed.add(ref)
+    for ref in sorted(doomed):
+        report.deleted_objects += store.delete_prefix(ref.data_prefix)
+    swept = store.sweep_interrupted("manifests/", older_than_s=grace.total_seconds(), now_s=now)
+    if report.deleted_manifests or doomed or swept:
+        log.info("retention at %s kept steps %s, deleted %d manifest(s), %d object(s) of %d save(s), "
+                 "swept %d interrupted write(s)", store.url, kept_steps, len(report.deleted_manifests),
+                 report.deleted_objects, len(doomed), swept)
     return report
 
 
 def delete_save_data(store: Store, ref: SaveRef) -> int:
     """Remove the data objects of an uncommitted save (best effort); returns how many."""
     try:
-        keys = store.list(ref.data_prefix)
-        store.delete_many(keys)
-        return len(keys)
+        return store.delete_prefix(ref.data_prefix)
     except (OSError, ObjectNotFoundError) as e:  # cleanup must never mask the real error
         log.warning("could not clean up data of failed save %s at %s: %s", ref, store.url, e)
         return 0

@@ -166,6 +166,22 @@ class Store(ABC):
         for key in keys:
             self.delete(key)
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix`` (ending in ``/``), and whatever interrupted
+        writes left there; returns how many listed objects were deleted."""
+        keys = self.list(prefix)
+        self.delete_many(keys)
+        return len(keys)
+
+    def sweep_interrupted(self, prefix: str, *, older_than_s: float, now_s: float) -> int:
+        """Remove leftovers of ``put`` calls that died mid-write (a killed process), under
+        ``prefix`` and older than ``older_than_s`` seconds at time ``now_s`` (Unix seconds).
+
+        Backends whose puts leave nothing visible behind (S3, memory) have nothing to sweep.
+        Returns how many leftovers were removed.
+        """
+        return 0
+
     def close(self) -> None:
         """Release connections and handles. The store is unusable afterwards."""
 

@@ -335,6 +335,39 @@ class LocalStore(Store):
             raise self._failed("deleting", key, exc) from exc
         self._prune(os.path.dirname(path))
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix`` and any ``.tmp-*`` file of a killed put there."""
+        count = len(self.list(prefix))
+        if prefix.endswith("/"):
+            directory = self._path(prefix.rstrip("/"))
+            _remove_tree(directory)
+            self._prune(os.path.dirname(directory))
+        else:
+            self.delete_many(self.list(prefix))
+        return count
+
+    def sweep_interrupted(self, prefix: str, *, older_than_s: float, now_s: float) -> int:
+        """Remove ``.tmp-*`` files (puts killed mid-write) below ``prefix``'s directory whose
+        last write is older than ``older_than_s`` seconds before ``now_s``."""
+        _validate_prefix(prefix)
+        head = prefix.rpartition("/")[0]
+        start = os.path.join(self.root, *head.split("/")) if head else self.root
+        removed = 0
+        for dirpath, _dirs, files in os.walk(start):
+            for name in files:
+                if not name.startswith(TMP_PREFIX):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    if os.stat(path).st_mtime < now_s - older_than_s:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+            if removed:
+                self._prune(dirpath)
+        return removed
+
     def _prune(self, directory: str) -> None:
         """Remove empty directories from ``directory`` up to (not including) the root."""
         while directory != self.root and directory.startswith(self.root + os.sep):
@@ -350,3 +383,14 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _remove_tree(directory: str) -> None:
+    """Remove a directory tree bottom-up; files vanishing concurrently are fine."""
+    for dirpath, dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            _unlink_quietly(os.path.join(dirpath, name))
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass  # not empty (a concurrent put) or already gone: best effort
