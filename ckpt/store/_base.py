@@ -23,14 +23,17 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 from ckpt.errors import InvalidKeyError, StoreError
 
-__all__ = ["Buffer", "Store", "StoreCapabilities", "as_buffers", "validate_key", "join_key"]
+__all__ = ["Buffer", "PieceCallback", "Store", "StoreCapabilities", "as_buffers", "validate_key", "join_key"]
 
 #: Anything with the buffer protocol: bytes, bytearray, memoryview, numpy arrays.
 Buffer = Union[bytes, bytearray, memoryview]
+
+#: Receives each piece of a ``get_range_into`` read as soon as it is in (see there).
+PieceCallback = Callable[[memoryview], None]
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9._=+-]+$")
 _MAX_KEY = 1024
@@ -135,10 +138,18 @@ class Store(ABC):
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """Return ``length`` bytes from ``start``; raise ``StoreError`` if the object is short."""
 
-    def get_range_into(self, key: str, start: int, out: memoryview) -> None:
-        """Fill ``out`` (a writable byte buffer) with ``len(out)`` bytes from ``start``."""
+    def get_range_into(self, key: str, start: int, out: memoryview, *, on_piece: Optional[PieceCallback] = None) -> None:
+        """Fill ``out`` (a writable byte buffer) with ``out.nbytes`` bytes from ``start``.
+
+        ``on_piece``, if given, is called with consecutive slices of ``out`` that together
+        cover it, each as soon as its bytes are in. Backends that read in pieces call it while
+        a piece is still in the CPU cache, so a checksum over the pieces costs far less than a
+        second pass over the whole buffer.
+        """
         view = memoryview(out).cast("B")
         view[:] = self.get_range(key, start, view.nbytes)
+        if on_piece is not None:
+            on_piece(view)
 
     @abstractmethod
     def exists(self, key: str) -> bool:

@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 import threading
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from ckpt.errors import InvalidKeyError, ObjectNotFoundError
 from ckpt.store._base import (
+    PieceCallback,
     Buffer,
     Store,
     StoreCapabilities,
@@ -93,7 +94,7 @@ class MemoryStore(Store):
             raise self._short_read(key, start, length, max(0, len(data) - start))
         return data[start : start + length]
 
-    def get_range_into(self, key: str, start: int, out: memoryview) -> None:
+    def get_range_into(self, key: str, start: int, out: memoryview, *, on_piece: Optional[PieceCallback] = None) -> None:
         """Copy ``len(out)`` bytes from ``start`` straight into ``out``."""
         validate_key(key)
         view = memoryview(out).cast("B")
@@ -104,6 +105,8 @@ class MemoryStore(Store):
         if end > len(data):
             raise self._short_read(key, start, view.nbytes, max(0, len(data) - start))
         view[:] = memoryview(data)[start:end]
+        if on_piece is not None:
+            on_piece(view)
 
     def exists(self, key: str) -> bool:
         """Whether object ``key`` exists."""

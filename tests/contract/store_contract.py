@@ -205,6 +205,21 @@ class StoreContract:
         store.get_range_into("f", 4, memoryview(out))
         np.testing.assert_array_equal(out, floats)
 
+    def test_get_range_into_hands_over_consecutive_pieces(self, store: Store) -> None:
+        big = np.random.default_rng(3).integers(0, 256, 3 * (1 << 20) + 123, dtype=np.uint8)
+        store.put("big", [b"xy", big])
+        out = np.empty_like(big)
+        pieces: list[bytes] = []
+        store.get_range_into("big", 2, memoryview(out), on_piece=lambda p: pieces.append(bytes(p)))
+        assert b"".join(pieces) == big.tobytes() == out.tobytes()
+
+    def test_delete_prefix_removes_everything_below(self, store: Store) -> None:
+        for key in ("d/s1/a", "d/s1/b/c", "d/s2/a", "e"):
+            store.put(key, b"x")
+        assert store.delete_prefix("d/s1/") == 2
+        assert store.list() == ["d/s2/a", "e"]
+        assert store.delete_prefix("d/none/") == 0
+
     # -- list --------------------------------------------------------------------------------
     def test_list_empty(self, store: Store) -> None:
         assert store.list() == []
