@@ -12,20 +12,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union, cast
 
-import numpy as np
-import torch
 
 from ckpt import _commit
 from ckpt._comm import Comm, default_comm
-from ckpt._state import RestorePlan, plan_restore
-from ckpt._tensors import byte_view
-from ckpt._verify import read_chunk
-from ckpt.errors import CheckpointError, ChunkFailure, CorruptChunkError, StateMismatchError
-from ckpt.metadata import ChunkMeta, Manifest, SaveRef, TensorMeta
+from ckpt._read import Target, read_into
+from ckpt._sharding import local_mappings, resolve_rules
+from ckpt._state import RestorePlan, flatten, plan_restore, restore_plain
+from ckpt.layout import Layout
+from ckpt.mapping import TensorMapping
+from ckpt._tensors import dtype_name
+from ckpt.errors import CheckpointError, StateMismatchError
+from ckpt.metadata import Manifest, SaveRef
 from ckpt.store import Store, open_store
 
 __all__ = ["load", "LoadResult"]
@@ -80,6 +80,8 @@ def load(
     strict: bool = True,
     verify: bool = True,
     storage_options: Optional[Mapping[str, Any]] = None,
+    layout: Optional[Layout] = None,
+    rules: Any = None,
     io_threads: Optional[int] = None,
     comm: Optional[Comm] = None,
 ) -> LoadResult:
@@ -95,6 +97,10 @@ def load(
         strict: fail when the state holds tensors the checkpoint lacks, or the types differ.
         verify: check every chunk's checksum (on by default; off only for benchmarks).
         storage_options: fsspec options.
+        layout: this rank's place in the layout the job runs with now (may differ from the
+            writers': other TP/PP/DP sizes). With ``rules``, each rank reads only the regions
+            its tensors hold.
+        rules: sharding rules of the target layout (``ckpt.rules.Rules`` or a shipped name).
         io_threads: parallel reads (default: min(4, CPUs)).
         comm: collectives to use (default: ``torch.distributed`` if initialised, else local).
 
@@ -129,10 +135,15 @@ def load(
     try:
         manifest = _commit.read_manifest(store, ref)
         tree = manifest.ranks[comm.rank if comm.rank < manifest.world_size else 0]
-        plan = plan_restore(state, tree, manifest.tensors, strict=strict)
-        if plan.problems:
-            raise StateMismatchError(plan.problems, where=f"{store.url} step {ref.step}")
-        bytes_read = _read_all(store, manifest, plan.fills, verify=verify, threads=io_threads or min(4, os.cpu_count() or 1))
+        threads = io_threads or min(4, os.cpu_count() or 1)
+        if layout is None and rules is None:
+            plan = plan_restore(state, tree, manifest.tensors, strict=strict)
+            if plan.problems:
+                raise StateMismatchError(plan.problems, where=f"{store.url} step {ref.step}")
+            targets = {name: (t, TensorMapping.identity(name, tuple(t.shape))) for name, t in plan.fills}
+        else:
+            plan, targets = _plan_layout_restore(state, tree, manifest, layout, rules, comm, strict, f"{store.url} step {ref.step}")
+        bytes_read, _ = read_into(store, manifest, targets, verify=verify, threads=threads)
     except Exception as e:
         error = e
     _agree(comm, error, f"loading step {ref.step} from {store.url}")
@@ -150,44 +161,27 @@ def load(
     )
 
 
-def _target_view(target: torch.Tensor) -> tuple[np.ndarray, Optional[torch.Tensor]]:
-    """A writable flat byte view to read into, and the tensor to copy back from (if staged)."""
-    if target.device.type == "cpu" and target.is_contiguous() and not target.is_conj() and not target.is_neg():
-        return byte_view(target), None
-    staging = torch.empty(target.shape, dtype=target.dtype)
-    return byte_view(staging), staging
-
-
-def _read_all(store: Store, manifest: Manifest, fills: list[tuple[str, torch.Tensor]], *, verify: bool, threads: int) -> int:
-    tasks = []  # (tensor name, meta, chunk, destination byte view)
-    staged = []  # (target, staging tensor)
-    for name, target in fills:
-        meta = manifest.tensors[name]
-        view, staging = _target_view(target)
-        if staging is not None:
-            staged.append((target, staging))
-        row_bytes = meta.nbytes // meta.shape[0] if meta.shape and meta.shape[0] else 0
-        for chunk in meta.chunks:
-            start = chunk.offsets[0] * row_bytes if meta.shape else 0
-            # Chunks written by ``save`` are whole rows; other tilings come with layouts.
-            if meta.shape and any(o != 0 for o in chunk.offsets[1:]) or (meta.shape and tuple(chunk.sizes[1:]) != tuple(meta.shape[1:])):
-                raise CheckpointError(f"tensor {name!r}: chunk at {list(chunk.offsets)} is not a run of whole rows; this reader needs the layouts support to load it")
-            tasks.append((name, meta, chunk, view[start : start + chunk.raw_length]))
-    prefix = manifest.data_prefix
-
-    def run(task: tuple[str, TensorMeta, ChunkMeta, np.ndarray]) -> tuple[int, Optional[ChunkFailure]]:
-        name, _meta, chunk, dst = task
-        return read_chunk(store, prefix, name, chunk, dst, verify)
-
-    if threads <= 1 or len(tasks) <= 1:
-        results = [run(t) for t in tasks]
-    else:
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ckpt-load") as pool:
-            results = list(pool.map(run, tasks))
-    failures = [f for _, f in results if f is not None]
-    if failures:
-        raise CorruptChunkError(failures, where=f"{store.url} step {manifest.step} (save {manifest.save_id})")
-    for target, staging in staged:
-        with torch.no_grad():
-            target.copy_(staging)
-    return sum(n for n, _ in results)
+def _plan_layout_restore(
+    state: Any, tree: Any, manifest: Manifest, layout: Optional[Layout], rules: Any, comm: Comm, strict: bool, where: str
+) -> tuple[RestorePlan, dict[str, Target]]:
+    """Target-driven restore: the target's own tensors, mapped by the target's rules."""
+    flat = flatten(state)
+    mappings = local_mappings(flat.tensors, layout, resolve_rules(rules), comm.rank, comm.world_size)
+    problems = []
+    for local, m in mappings.items():
+        t = flat.tensors[local]
+        for p in m.pieces:
+            meta = manifest.tensors.get(p.name)
+            if meta is None:
+                if strict:
+                    problems.append(f"{local}: needs tensor {p.name!r} (rule {m.rule!r}), which the checkpoint does not have")
+            elif dtype_name(t.dtype) != meta.dtype:
+                problems.append(f"{local}: dtype {dtype_name(t.dtype)} in the state, {meta.dtype} in the checkpoint ({p.name!r})")
+            elif tuple(meta.shape) != tuple(m.global_shapes[p.name]):
+                problems.append(f"{local}: global shape of {p.name!r} is {list(m.global_shapes[p.name])} under the target rules, {list(meta.shape)} in the checkpoint")
+    if problems:
+        raise StateMismatchError(sorted(set(problems)), where=where)
+    targets = {n: (flat.tensors[n], m) for n, m in mappings.items() if all(p.name in manifest.tensors for p in m.pieces)}
+    plan = RestorePlan()
+    plan.state = restore_plain(state, tree, plan)
+    return plan, targets

@@ -16,17 +16,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union, cast
 
+import numpy as np
 import torch
 
 from ckpt import _commit
 from ckpt._comm import Comm, default_comm
-from ckpt._save_plan import LocalTensor, assign_owners, pack_objects, split_rows
-from ckpt._state import FlatState, flatten
+from ckpt._reshard import PlanError, SavePlan, WriteItem, plan_save
+from ckpt._save_plan import pack_objects
+from ckpt._sharding import layout_json, local_mappings, resolve_rules
+from ckpt._state import FlatState, flatten, mark_shards
 from ckpt._tensors import byte_view, dtype_name, host_contiguous
-from ckpt.codecs import DEFAULT_CHECKSUM, checksum, default_chain
+from ckpt.codecs import DEFAULT_CHECKSUM, Hasher, checksum, default_chain
+from ckpt.layout import Layout
+from ckpt.mapping import Piece, TensorMapping, mapping_from_json, mapping_to_json
+from ckpt.regions import split_box
 from ckpt.errors import SaveFailedError
 from ckpt.metadata import (
-    DTYPE_ITEMSIZE,
     MAX_STEP,
     Checksum,
     ChunkMeta,
@@ -42,6 +47,8 @@ __all__ = ["save", "SaveResult"]
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 * 1024 * 1024
+#: Uncompressed chunks carry a checksum per block this size, so sub-ranges can be verified.
+BLOCK_BYTES = 256 * 1024
 MAX_OBJECT_BYTES = 256 * 1024 * 1024
 
 
@@ -90,6 +97,8 @@ def save(
     keep_last: Optional[int] = None,
     extras: Optional[Mapping[str, Any]] = None,
     rank_local: Sequence[str] = (),
+    layout: Optional[Layout] = None,
+    rules: Any = None,
     io_threads: Optional[int] = None,
     comm: Optional[Comm] = None,
 ) -> SaveResult:
@@ -113,6 +122,11 @@ def save(
         keep_last: after committing, keep only the newest N steps (see ``ckpt.retain``).
         extras: user metadata stored in the manifest (a JSON object).
         rank_local: top-level state keys whose tensors are per rank, not replicas.
+        layout: this rank's place in the parallel layout (``ckpt.layout.Layout``); recorded in
+            the manifest. Required with ``rules`` when there is more than one rank.
+        rules: sharding rules (``ckpt.rules.Rules`` or a shipped name) mapping each local tensor
+            to its region of the logical tensor, so the checkpoint loads into any layout. Every
+            tensor must be covered by exactly one rule. Without rules, equal names are replicas.
         io_threads: parallel writes per rank (default: min(4, CPUs)).
         comm: collectives to use (default: ``torch.distributed`` if initialised, else local).
 
@@ -131,17 +145,20 @@ def save(
     rank = comm.rank
     codec = _resolve_compression(store, compression)
     threads = io_threads or min(4, os.cpu_count() or 1)
+    rules_obj = resolve_rules(rules)
 
-    flat, local, local_error = None, {}, None
+    flat, mappings, local_error = None, {}, None
     try:
         flat = flatten(state, rank_local=tuple(rank_local), rank=rank)
-        local = {n: [dtype_name(t.dtype), list(t.shape)] for n, t in flat.tensors.items()}
+        mappings = local_mappings(flat.tensors, layout, rules_obj, rank, comm.world_size)
+        info = {n: mapping_to_json(m) for n, m in mappings.items()}
+        dtypes = {n: dtype_name(t.dtype) for n, t in flat.tensors.items()}
     except Exception as e:  # every rank must reach the gather, or the others hang
-        local_error = e
+        local_error, info, dtypes = e, {}, {}
     created = time.time_ns()
     proposal = new_save_id(created, secrets.randbits(32)) if rank == 0 else None
     gathered = comm.all_gather_json({
-        "tensors": local, "save_id": proposal, "created": created,
+        "mappings": info, "dtypes": dtypes, "save_id": proposal, "created": created,
         "error": None if local_error is None else f"{type(local_error).__name__}: {local_error}",
     })
     if local_error is not None:
@@ -152,31 +169,37 @@ def save(
     flat = cast(FlatState, flat)
     save_id = gathered[0]["save_id"]
     ref = SaveRef(step, save_id)
-    plans = [{n: LocalTensor(d, tuple(s)) for n, (d, s) in g["tensors"].items()} for g in gathered]
-    owners, problems = assign_owners(plans)
-    if problems:
-        raise SaveFailedError({r: "; ".join(problems) for r in range(comm.world_size)}, step=step)
+    try:
+        plan = plan_save(
+            [{n: mapping_from_json(n, m) for n, m in g["mappings"].items()} for g in gathered],
+            [g["dtypes"] for g in gathered],
+        )
+    except PlanError as e:  # identical on every rank: the input was gathered
+        raise SaveFailedError({r: str(e) for r in range(comm.world_size)}, step=step) from e
 
-    mine = sorted(n for n, r in owners.items() if r == rank)
-    written: dict[str, Any] = {}
+    written: dict[str, list] = {}
     error = None
     try:
-        written = _write_owned(store, ref, rank, mine, flat.tensors, codec, compression_level, checksum_algorithm, threads)
+        items = plan.writes[rank]
+        written = _write_items(store, ref, rank, items, flat.tensors, mappings, codec, compression_level, checksum_algorithm, threads)
     except Exception as e:  # latched: decided at the commit point, on every rank
         log.exception("rank %d: writing step %d failed", rank, step)
         error = f"{type(e).__name__}: {e}"
-    results = comm.all_gather_json({"error": error, "tensors": written, "tree": flat.tree})
+    whole = {n for n, m in mappings.items() if _is_whole(n, m)}
+    tree = mark_shards(flat.tree, set(mappings) - whole)
+    results = comm.all_gather_json({"error": error, "chunks": written, "tree": tree})
     failures = {r: res["error"] for r, res in enumerate(results) if res["error"]}
 
     outcome: dict[str, Any] = {"error": None}
     if rank == 0:
-        outcome = _commit_or_clean(store, ref, gathered, results, failures, extras, keep_last)
+        recorded = layout_json(layout, rules_obj)
+        outcome = _commit_or_clean(store, ref, gathered, results, failures, plan, recorded, extras, keep_last)
     outcome = comm.broadcast_json(outcome, src=0)
     if failures:
         raise SaveFailedError(failures, step=step)
     if outcome["error"]:
         raise SaveFailedError({0: outcome["error"]}, step=step)
-    rank_bytes = sum(c["byte_length"] for cs in written.values() for c in cs["chunks"])
+    rank_bytes = sum(c["byte_length"] for cs in written.values() for c in cs)
     return SaveResult(
         step=step,
         save_id=save_id,
@@ -194,6 +217,8 @@ def _commit_or_clean(
     gathered: list,
     results: list,
     failures: dict,
+    plan: SavePlan,
+    layout: Optional[Mapping[str, Any]],
     extras: Optional[Mapping[str, Any]],
     keep_last: Optional[int],
 ) -> dict:
@@ -202,14 +227,14 @@ def _commit_or_clean(
         _commit.delete_save_data(store, ref)
         return {"error": None}
     try:
-        tensors = {}
+        chunks: dict[str, list[ChunkMeta]] = {name: [] for name in plan.global_shapes}
         for res in results:
-            for name, t in res["tensors"].items():
-                tensors[name] = TensorMeta(
-                    dtype=t["dtype"],
-                    shape=tuple(t["shape"]),
-                    chunks=tuple(_chunk_from_json(c) for c in t["chunks"]),
-                )
+            for name, records in res["chunks"].items():
+                chunks[name].extend(_chunk_from_json(c) for c in records)
+        tensors = {
+            name: TensorMeta(dtype=plan.dtypes[name], shape=tuple(shape), chunks=tuple(chunks[name]))
+            for name, shape in plan.global_shapes.items()
+        }
         manifest = Manifest(
             step=ref.step,
             save_id=ref.save_id,
@@ -218,6 +243,7 @@ def _commit_or_clean(
             tensors=tensors,
             ranks=tuple(res["tree"] for res in results),
             writer={"library": "ckpt", "version": _version(), "torch": torch.__version__},
+            layout=layout,
             extras=dict(extras or {}),
         )
         store.put(ref.manifest_key, manifest.to_bytes())
@@ -234,6 +260,7 @@ def _commit_or_clean(
 
 
 def _chunk_from_json(c: Mapping[str, Any]) -> ChunkMeta:
+    blocks = c.get("blocks") or {}
     return ChunkMeta(
         offsets=tuple(c["offsets"]),
         sizes=tuple(c["sizes"]),
@@ -243,6 +270,9 @@ def _chunk_from_json(c: Mapping[str, Any]) -> ChunkMeta:
         raw_length=c["raw_length"],
         codecs=tuple(c["codecs"]),
         checksum=Checksum(**c["checksum"]),
+        order=None if c.get("order") is None else tuple(c["order"]),
+        block_bytes=blocks.get("size", 0),
+        block_checksums=blocks.get("checksums", ""),
     )
 
 
@@ -252,50 +282,97 @@ def _version() -> str:
     return __version__
 
 
-def _write_owned(
+def _is_whole(local_name: str, m: TensorMapping) -> bool:
+    """The local tensor is exactly the global tensor of the same name (no renaming, no split)."""
+    if len(m.pieces) != 1:
+        return False
+    p = m.pieces[0]
+    return p.name == local_name and p.local == p.region and tuple(m.global_shapes[p.name]) == tuple(m.local_shape)
+
+
+def _storage_order(split_dim: Optional[int], ndim: int) -> Optional[tuple[int, ...]]:
+    """Store the split dimension outermost, so re-slicing it later is one contiguous range."""
+    if split_dim is None or split_dim == 0 or ndim < 2:
+        return None
+    return (split_dim,) + tuple(d for d in range(ndim) if d != split_dim)
+
+
+def _piece_data(t: torch.Tensor, piece: Piece, order: Optional[tuple[int, ...]]) -> torch.Tensor:
+    """The region's elements, from the local tensor, in storage order, contiguous."""
+    if piece.local.sizes == piece.region.sizes:
+        src = t[tuple(slice(o, o + s) for o, s in zip(piece.local.offsets, piece.local.sizes))]
+    else:  # a flat (1-D) local range holding the region in C order
+        start = piece.local.offsets[0]
+        src = t.reshape(-1)[start : start + piece.local.sizes[0]].reshape(piece.region.sizes)
+    if order is not None:
+        src = src.permute(order)
+    return host_contiguous(src)
+
+
+def _encode_chunk(view: np.ndarray, itemsize: int, codec: Optional[str], level: int, algorithm: str) -> tuple[Any, dict]:
+    """Encode one chunk; returns (stored buffer, its JSON fields besides position)."""
+    chain = default_chain(itemsize, compression=codec, level=level)
+    encoded = chain.encode(memoryview(view))
+    fields: dict[str, Any] = {"codecs": chain.to_json(), "raw_length": view.nbytes}
+    if chain.codecs:
+        fields["checksum"] = {"algorithm": algorithm, "value": checksum(algorithm, encoded)}
+        return encoded, fields
+    whole, blocks = Hasher(algorithm), []
+    mv = memoryview(view)
+    for start in range(0, view.nbytes, BLOCK_BYTES):
+        block = mv[start : start + BLOCK_BYTES]
+        whole.update(block)
+        blocks.append(checksum(algorithm, block))
+    fields["checksum"] = {"algorithm": algorithm, "value": whole.hexdigest()}
+    if view.nbytes > BLOCK_BYTES:
+        fields["blocks"] = {"size": BLOCK_BYTES, "checksums": "".join(blocks)}
+    return encoded, fields
+
+
+def _write_items(
     store: Store,
     ref: SaveRef,
     rank: int,
-    names: list[str],
+    items: Sequence[WriteItem],
     tensors: Mapping[str, torch.Tensor],
+    mappings: Mapping[str, TensorMapping],
     codec: Optional[str],
     level: int,
     algorithm: str,
     threads: int,
-) -> dict[str, Any]:
-    """Write this rank's tensors; returns ``{name: tensor meta JSON}``."""
-    items = []  # (name, offsets, sizes, bytes view)
-    metas: dict[str, dict[str, Any]] = {}
-    for name in names:
-        t = host_contiguous(tensors[name])
-        dtype = dtype_name(t.dtype)
-        itemsize = DTYPE_ITEMSIZE[dtype]
-        metas[name] = {"dtype": dtype, "shape": list(t.shape), "chunks": []}
-        flat = byte_view(t)
-        row_bytes = (t.numel() // t.shape[0]) * itemsize if t.dim() and t.shape[0] else 0
-        for offsets, sizes in split_rows(tuple(t.shape), itemsize, CHUNK_BYTES):
-            if t.dim() == 0:
+) -> dict[str, list]:
+    """Write this rank's regions; returns ``{global name: [chunk JSON, ...]}``."""
+    chunk_items = []  # (global name, box, order, itemsize, byte view)
+    for item in items:
+        t = tensors[item.local_name]
+        piece = mappings[item.local_name].pieces[item.piece]
+        order = _storage_order(item.split_dim, item.region.ndim)
+        data = _piece_data(t, piece, order)
+        itemsize = data.element_size()
+        flat = byte_view(data)
+        outer = order[0] if order else 0
+        per_slice = (item.region.numel // item.region.sizes[outer]) * itemsize if item.region.ndim and item.region.sizes[outer] else 0
+        for box in split_box(item.region, max_numel=max(1, CHUNK_BYTES // itemsize), order=order):
+            if box.ndim == 0 or per_slice == 0:
                 view = flat
             else:
-                start = offsets[0] * row_bytes
-                view = flat[start : start + sizes[0] * row_bytes]
-            items.append((name, offsets, sizes, itemsize, view))
-    groups = pack_objects([it[4].nbytes for it in items], max_object_bytes=MAX_OBJECT_BYTES, min_objects=threads)
+                first = (box.offsets[outer] - item.region.offsets[outer]) * per_slice
+                view = flat[first : first + box.sizes[outer] * per_slice]
+            chunk_items.append((item.name, box, order, itemsize, view))
+    groups = pack_objects([c[4].nbytes for c in chunk_items], max_object_bytes=MAX_OBJECT_BYTES, min_objects=threads)
 
     def write_group(index: int, members: list[int]) -> list[tuple[str, dict]]:
         obj = f"r{rank:05d}-{index:04d}.bin"
         buffers, records, offset = [], [], 0
         for i in members:
-            name, offsets, sizes, itemsize, view = items[i]
-            chain = default_chain(itemsize, compression=codec, level=level)
-            encoded = chain.encode(memoryview(view))
+            name, box, order, itemsize, view = chunk_items[i]
+            encoded, fields = _encode_chunk(view, itemsize, codec, level, algorithm)
             length = memoryview(encoded).nbytes
-            records.append((name, {
-                "offsets": list(offsets), "sizes": list(sizes), "object": obj,
-                "byte_offset": offset, "byte_length": length, "raw_length": view.nbytes,
-                "codecs": chain.to_json(),
-                "checksum": {"algorithm": algorithm, "value": checksum(algorithm, encoded)},
-            }))
+            rec = {"offsets": list(box.offsets), "sizes": list(box.sizes), "object": obj,
+                   "byte_offset": offset, "byte_length": length, **fields}
+            if order is not None:
+                rec["order"] = list(order)
+            records.append((name, rec))
             buffers.append(encoded)
             offset += length
         store.put(ref.data_prefix + obj, buffers)
@@ -306,8 +383,8 @@ def _write_owned(
     else:
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"ckpt-save-r{rank}") as pool:
             done = list(pool.map(lambda ig: write_group(*ig), enumerate(groups)))
+    out: dict[str, list] = {}
     for records in done:
         for name, rec in records:
-            metas[name]["chunks"].append(rec)
-    return metas
-
+            out.setdefault(name, []).append(rec)
+    return out

@@ -22,7 +22,7 @@ from ckpt._tensors import dtype_name, numpy_to_tensor, torch_dtype
 from ckpt.errors import StateMismatchError, UnsupportedStateError
 from ckpt.metadata import TensorMeta
 
-__all__ = ["FlatState", "flatten", "RestorePlan", "plan_restore"]
+__all__ = ["FlatState", "flatten", "RestorePlan", "plan_restore", "restore_plain", "mark_shards"]
 
 
 def _is_stateful(obj: Any) -> bool:
@@ -218,6 +218,12 @@ def _restore(target: Any, node: Any, path: str, tensors: Mapping[str, TensorMeta
                 return target
             plan.fills.append((val, new))
             return new.numpy() if tag == "$ndarray" else new
+        if tag == "$shard":
+            plan.problems.append(
+                f"{where}: saved as a shard of a sharded layout (local tensor {val!r}); load with "
+                "layout= and rules= so each tensor is assembled from the logical tensors"
+            )
+            return target
         if tag == "$dict":
             return _restore_dict(target, val, path, tensors, plan, strict)
         if tag == "$tuple":
@@ -277,3 +283,56 @@ def _holds_tensor(v: Any) -> bool:
 def raise_problems(plan: RestorePlan, where: str) -> None:
     if plan.problems:
         raise StateMismatchError(plan.problems, where=where)
+
+
+def restore_plain(target: Any, tree: Any, plan: RestorePlan) -> Any:
+    """Bring the saved non-tensor values into ``target`` where its keys match; tensors are
+    left alone (they are filled region by region through the sharding rules). Stateful
+    objects get a ``load_state_dict`` finalizer in ``plan``. Returns the restored tree."""
+    return _plain(target, tree, plan)
+
+
+def _plain(target: Any, node: Any, plan: RestorePlan) -> Any:
+    if _is_stateful(target) and not isinstance(target, torch.Tensor):
+        sd = target.state_dict()
+        filled = _plain(sd, node, plan)
+        plan.finalizers.append(lambda t=target, s=filled: t.load_state_dict(s))
+        return target
+    if isinstance(target, (torch.Tensor, np.ndarray)) or node is None and target is not None:
+        return target
+    if isinstance(target, dict) and isinstance(node, dict) and "$dict" in node:
+        saved = {_decode_plain(k): v for k, v in node["$dict"]}
+        for k in list(target):
+            if k in saved:
+                target[k] = _plain(target[k], saved[k], plan)
+        return target
+    if isinstance(target, list) and isinstance(node, list) and len(target) == len(node):
+        for i, n in enumerate(node):
+            target[i] = _plain(target[i], n, plan)
+        return target
+    if isinstance(node, dict) and set(node) & {"$tensor", "$ndarray", "$shard"}:
+        return target  # the saved value was a tensor; the target's own tensor is filled by rules
+    if _holds_tensor(target):
+        return target
+    try:
+        return _decode_plain(node)
+    except ValueError:  # a saved container holding tensor references: keep the target's
+        return target
+
+
+def mark_shards(tree: Any, sharded: set[str]) -> Any:
+    """Replace references to tensors that rules split into regions with ``{"$shard": name}``:
+    they are not whole tensors of the manifest, and a reader rebuilds them through rules."""
+    if not sharded:
+        return tree
+    if isinstance(tree, list):
+        return [mark_shards(x, sharded) for x in tree]
+    if isinstance(tree, dict):
+        ((tag, val),) = tree.items()
+        if tag == "$tensor" and val in sharded:
+            return {"$shard": val}
+        if tag == "$dict":
+            return {"$dict": [[k, mark_shards(v, sharded)] for k, v in val]}
+        if tag == "$tuple":
+            return {"$tuple": [mark_shards(x, sharded) for x in val]}
+    return tree

@@ -55,6 +55,8 @@ MAX_RANK_COUNT = 1 << 20
 MAX_NDIM = 64
 MAX_TREE_DEPTH = 64
 MAX_STEP = 10**12 - 1
+#: Hex digits of each checksum algorithm's value.
+CHECKSUM_WIDTH: Mapping[str, int] = {"crc32c": 8, "xxh3_64": 16}
 
 #: Element size in bytes of every dtype the format can store, by canonical (torch) name.
 DTYPE_ITEMSIZE: Mapping[str, int] = {
@@ -85,7 +87,7 @@ _SAVE_ID = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}$")
 _MANIFEST_KEY = re.compile(r"^manifests/step-(\d{12})\.([0-9a-f]{16}-[0-9a-f]{8})\.json$")
 _OBJECT_SEGMENT = re.compile(r"^[A-Za-z0-9._=+-]{1,255}$")
 _HEX = re.compile(r"^[0-9a-f]+$")
-_TAGS = ("$tensor", "$ndarray", "$dict", "$tuple", "$float", "$bytes")
+_TAGS = ("$tensor", "$ndarray", "$shard", "$dict", "$tuple", "$float", "$bytes")
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,6 +159,11 @@ class ChunkMeta:
         raw_length: length after decoding (``prod(sizes) * itemsize``).
         codecs: codec chain as JSON (``ckpt.codecs.CodecChain.from_json`` rebuilds it).
         checksum: checksum of the ``byte_length`` encoded bytes.
+        order: storage order of the region's dimensions (a permutation, slowest first), or
+            ``None`` for C order. ``(1, 0)`` stores a matrix column-major.
+        block_bytes: for uncompressed chunks, the size of the blocks that carry checksums of
+            their own (so a reader can fetch and verify a sub-range); 0 when there are none.
+        block_checksums: the blocks' checksums, fixed-width hex, concatenated.
     """
 
     offsets: tuple[int, ...]
@@ -167,12 +174,23 @@ class ChunkMeta:
     raw_length: int
     codecs: tuple[Mapping[str, Any], ...]
     checksum: Checksum
+    order: Optional[tuple[int, ...]] = None
+    block_bytes: int = 0
+    block_checksums: str = ""
 
     @property
     def numel(self) -> int:
         return math.prod(self.sizes)
 
     def to_json(self) -> dict:
+        out = self._core_json()
+        if self.order is not None:
+            out["order"] = list(self.order)
+        if self.block_bytes:
+            out["blocks"] = {"size": self.block_bytes, "checksums": self.block_checksums}
+        return out
+
+    def _core_json(self) -> dict:
         return {
             "offsets": list(self.offsets),
             "sizes": list(self.sizes),
@@ -356,7 +374,7 @@ def _parse_chunk(ctx: _Ctx, v: Any, path: str, shape: tuple[int, ...], itemsize:
     from ckpt.codecs import CodecChain, parse_checksum  # local: keeps import light
 
     keys = {"offsets", "sizes", "object", "byte_offset", "byte_length", "raw_length", "codecs", "checksum"}
-    d = _obj(ctx, v, path, keys)
+    d = _obj(ctx, v, path, keys, optional={"order", "blocks"})
     offsets = _int_list(ctx, d["offsets"], f"{path}.offsets")
     sizes = _int_list(ctx, d["sizes"], f"{path}.sizes")
     if len(offsets) != len(shape) or len(sizes) != len(shape):
@@ -382,6 +400,22 @@ def _parse_chunk(ctx: _Ctx, v: Any, path: str, shape: tuple[int, ...], itemsize:
         raise ManifestError(str(e)) from e
     if not chain.codecs and byte_length != raw_length:
         raise ctx.fail(f"{path}.byte_length", f"is {byte_length} but an uncompressed chunk must be {raw_length} bytes")
+    order = None
+    if "order" in d:
+        order = _int_list(ctx, d["order"], f"{path}.order")
+        if sorted(order) != list(range(len(shape))) or order == tuple(range(len(shape))):
+            raise ctx.fail(f"{path}.order", f"{list(order)} must be a non-identity permutation of the {len(shape)} dims")
+    block_bytes, block_sums = 0, ""
+    if "blocks" in d:
+        b = _obj(ctx, d["blocks"], f"{path}.blocks", {"size", "checksums"})
+        block_bytes = _int(ctx, b["size"], f"{path}.blocks.size", 1, 2**40)
+        block_sums = _str(ctx, b["checksums"], f"{path}.blocks.checksums", MAX_MANIFEST_BYTES)
+        width = CHECKSUM_WIDTH[alg]
+        count = -(-byte_length // block_bytes)
+        if chain.codecs:
+            raise ctx.fail(f"{path}.blocks", "block checksums are only defined for uncompressed chunks")
+        if len(block_sums) != count * width or not _HEX.match(block_sums or "0"):
+            raise ctx.fail(f"{path}.blocks.checksums", f"must be {count} x {width} lowercase hex digits for {byte_length} bytes in blocks of {block_bytes}")
     return ChunkMeta(
         offsets=offsets,
         sizes=sizes,
@@ -391,6 +425,9 @@ def _parse_chunk(ctx: _Ctx, v: Any, path: str, shape: tuple[int, ...], itemsize:
         raw_length=raw_length,
         codecs=tuple(chain.to_json()),
         checksum=Checksum(alg, value),
+        order=order,
+        block_bytes=block_bytes,
+        block_checksums=block_sums,
     )
 
 
@@ -454,6 +491,9 @@ def validate_state_tree(tree: Any, tensor_names: Mapping[str, Any] | set[str], *
         if tag in ("$tensor", "$ndarray"):
             if not isinstance(val, str) or val not in tensor_names:
                 raise ManifestError(f"{path}: {tag} refers to {val!r}, which is not a tensor of this manifest")
+        elif tag == "$shard":
+            if not isinstance(val, str) or not val or len(val) > 4096:
+                raise ManifestError(f"{path}: $shard must name the writer's local tensor (1..4096 characters)")
         elif tag == "$dict":
             if not isinstance(val, list) or any(not isinstance(p, list) or len(p) != 2 for p in val):
                 raise ManifestError(f"{path}: $dict must be a list of [key, value] pairs")

@@ -166,8 +166,8 @@ def test_failing_put_on_rank_1_fails_both_ranks_and_commits_nothing(tmp_path: Pa
 def test_replicas_that_disagree_fail_both_ranks_and_commit_nothing(tmp_path: Path) -> None:
     root, reports = run_job(tmp_path, "mismatch")
     for rank, r in enumerate(reports):
-        for what, step, detail in (("shape", 2, "rank 0 has float32[8, 4], rank 1 has float32[8, 5]"),
-                                   ("dtype", 3, "rank 0 has float32[8, 4], rank 1 has float64[8, 4]")):
+        for what, step, detail in (("shape", 2, "global shape differs between ranks: [8, 4] on rank 0; [8, 5] on rank 1"),
+                                   ("dtype", 3, "dtype differs between ranks: float32 on rank 0; float64 on rank 1")):
             failed = r[what]
             assert failed["raised"] == "SaveFailedError" and failed["step"] == step, f"rank {rank} {what}: {failed}"
             assert failed["failures"], f"rank {rank} {what}: no rank named"
