@@ -19,7 +19,8 @@ from typing import Any, Mapping, Optional, Union, cast
 from ckpt import _commit
 from ckpt._comm import Comm, default_comm
 from ckpt._read import Target, read_into
-from ckpt._sharding import local_mappings, resolve_rules
+from ckpt._sharding import check_layout, local_mappings, resolve_rules
+from ckpt.resume import source_rank
 from ckpt._state import RestorePlan, flatten, plan_restore, restore_plain
 from ckpt.layout import Layout
 from ckpt.mapping import TensorMapping
@@ -134,7 +135,9 @@ def load(
     bytes_read = 0
     try:
         manifest = _commit.read_manifest(store, ref)
-        tree = manifest.ranks[comm.rank if comm.rank < manifest.world_size else 0]
+        target_layout = check_layout(layout, None, comm.rank, comm.world_size)
+        saved_axes = (manifest.layout or {}).get("axes") if isinstance(manifest.layout, dict) else None
+        tree = manifest.ranks[source_rank(saved_axes, manifest.world_size, target_layout)]
         threads = io_threads or min(4, os.cpu_count() or 1)
         if layout is None and rules is None:
             plan = plan_restore(state, tree, manifest.tensors, strict=strict)
