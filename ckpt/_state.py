@@ -6,6 +6,12 @@ values, and any object with ``state_dict``/``load_state_dict``), names every ten
 ``docs/format.md``. ``plan_restore`` walks a target state alongside a saved tree, lists every
 mismatch at once, and returns which tensors to fill in place and which ``load_state_dict``
 calls to make once the bytes are in.
+
+A ``torch.distributed.tensor.DTensor`` is stored through its local shard: ``flatten`` puts
+``to_local()`` (same storage, so loads fill the DTensor in place) under the DTensor's path and
+records its mesh, placements and global shape as plain data in ``FlatState.dtensors``; the
+sharding glue maps it by its placements, no rules needed. Its tree node stays
+``{"$tensor": name}``: the local name is the global name, so a plain load finds it whole.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from ckpt._tensors import dtype_name, numpy_to_tensor, torch_dtype
 from ckpt.errors import StateMismatchError, UnsupportedStateError
 from ckpt.metadata import TensorMeta
 
-__all__ = ["FlatState", "flatten", "RestorePlan", "plan_restore", "restore_plain", "mark_shards"]
+__all__ = ["FlatState", "DTensorInfo", "TensorTable", "flatten", "RestorePlan", "plan_restore", "restore_plain", "mark_shards"]
 
 
 def _is_stateful(obj: Any) -> bool:
@@ -33,15 +39,60 @@ def _key_str(k: Any) -> str:
     return k if isinstance(k, str) else repr(k) if isinstance(k, tuple) else str(k)
 
 
+@dataclass(frozen=True)
+class DTensorInfo:
+    """Where a DTensor's local shard lies, as plain data (no torch types).
+
+    Attributes:
+        mesh_axes: the device mesh's dimension names, in mesh order.
+        mesh_sizes: the size of each mesh dimension.
+        mesh_coords: this rank's coordinate on each mesh dimension.
+        placements: one per mesh dimension: ``("shard", dim)`` or ``("replicate",)``.
+        global_shape: the DTensor's logical shape.
+    """
+
+    mesh_axes: tuple[str, ...]
+    mesh_sizes: tuple[int, ...]
+    mesh_coords: tuple[int, ...]
+    placements: tuple[tuple[Any, ...], ...]
+    global_shape: tuple[int, ...]
+
+
+class TensorTable(dict):
+    """``name -> tensor`` (a ``dict``) that also carries ``dtensors``, the ``DTensorInfo`` of
+    its DTensor entries, so code handed only ``FlatState.tensors`` still knows them."""
+
+    dtensors: dict[str, DTensorInfo]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dtensors = {}
+
+
+class _DTensorRef(dict):
+    """The tree node ``{"$tensor": name}`` of a DTensor: ``mark_shards`` leaves it whole."""
+
+
 @dataclass
 class FlatState:
-    """A flattened state: ``tree`` is the JSON encoding, ``tensors`` maps names to tensors."""
+    """A flattened state: ``tree`` is the JSON encoding, ``tensors`` maps names to tensors.
+
+    Attributes:
+        dtensors: ``DTensorInfo`` of the entries of ``tensors`` that are DTensors' local shards
+            (the same dict as ``tensors.dtensors``).
+    """
 
     tree: Any
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=TensorTable)
     ndarrays: set[str] = field(default_factory=set)
     rank_local: tuple[str, ...] = ()
     rank: int = 0
+    dtensors: dict[str, DTensorInfo] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensors, TensorTable):
+            self.tensors = TensorTable(self.tensors)
+        self.tensors.dtensors = self.dtensors
 
 
 def flatten(state: Any, *, rank_local: tuple[str, ...] = (), rank: int = 0) -> FlatState:
@@ -81,6 +132,62 @@ def _add_tensor(out: FlatState, name: str, t: torch.Tensor) -> str:
     return name
 
 
+def _is_dtensor(obj: torch.Tensor) -> bool:
+    if type(obj) is torch.Tensor or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(obj, DTensor)
+
+
+def _placement(p: Any, ndim: int, axis: str, where: str) -> tuple[Any, ...]:
+    """A DTensor placement as plain data; ``Partial`` and strided shards are refused."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if type(p) is Shard:
+        return ("shard", p.dim % ndim if ndim else p.dim)
+    if type(p) is Replicate:
+        return ("replicate",)
+    if p.is_partial():
+        raise UnsupportedStateError(
+            f"{where}: DTensor placement {p} on mesh dim {axis!r} holds partial values that are not "
+            "the tensor yet; redistribute it first (dtensor.redistribute(mesh, [Replicate(), ...]))"
+        )
+    raise UnsupportedStateError(
+        f"{where}: DTensor placement {p} on mesh dim {axis!r} is not supported (only Shard(dim) and "
+        "Replicate()); redistribute it to those, or save dtensor.full_tensor()"
+    )
+
+
+def _add_dtensor(out: FlatState, path: str, obj: Any) -> dict:
+    """Store a DTensor's local shard under ``path`` and remember where it lies."""
+    where = f"tensor {path or 'tensor'!r}"
+    mesh = obj.device_mesh
+    names = mesh.mesh_dim_names
+    if names is None:
+        raise UnsupportedStateError(
+            f"{where}: its DTensor's device mesh has no dimension names; create the mesh with "
+            "init_device_mesh(..., mesh_dim_names=('dp', ...)) so they can name layout axes"
+        )
+    coords = mesh.get_coordinate()
+    if coords is None:
+        raise UnsupportedStateError(f"{where}: this rank is not in its DTensor's device mesh {dict(zip(names, mesh.shape))}")
+    ndim = len(obj.shape)
+    info = DTensorInfo(
+        mesh_axes=tuple(str(n) for n in names),
+        mesh_sizes=tuple(int(s) for s in mesh.shape),
+        mesh_coords=tuple(int(c) for c in coords),
+        placements=tuple(_placement(p, ndim, str(a), where) for p, a in zip(obj.placements, names)),
+        global_shape=tuple(int(s) for s in obj.shape),
+    )
+    local = obj.to_local()
+    if callable(getattr(local, "wait", None)):  # an AsyncCollectiveTensor still in flight
+        local = local.wait()
+    name = _add_tensor(out, path, local.detach())  # detach() shares the DTensor's storage
+    out.dtensors[name] = info
+    return _DTensorRef({"$tensor": name})
+
+
 def _encode(obj: Any, path: str, out: FlatState, depth: int) -> Any:
     if depth > 60:
         raise UnsupportedStateError(f"{path or '(root)'}: state nested more than 60 levels deep")
@@ -93,11 +200,12 @@ def _encode(obj: Any, path: str, out: FlatState, depth: int) -> Any:
             return float(obj)
         return {"$float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
     if isinstance(obj, torch.Tensor):
+        if _is_dtensor(obj):  # before the Parameter test: FSDP2 parameters are both
+            return _add_dtensor(out, path, obj)
         if type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
-            # DTensor and other subclasses arrive with the layouts work; refuse rather than guess.
             raise UnsupportedStateError(
-                f"{path}: tensor subclass {type(obj).__name__} is not supported yet; pass its "
-                "local tensor (e.g. dtensor.full_tensor()) instead"
+                f"{path}: tensor subclass {type(obj).__name__} is not supported; pass a plain "
+                "tensor (e.g. its .detach() or a copy) instead"
             )
         return {"$tensor": _add_tensor(out, path, obj)}
     if isinstance(obj, np.ndarray):
@@ -197,6 +305,12 @@ def _restore(target: Any, node: Any, path: str, tensors: Mapping[str, TensorMeta
             shape = tuple(meta.shape)
             if isinstance(target, np.ndarray) and tag == "$ndarray":
                 return _restore_ndarray(target, val, meta, where, plan)
+            if isinstance(target, torch.Tensor) and _is_dtensor(target):
+                plan.problems.append(
+                    f"{where} (tensor {val!r}): the state holds a DTensor; load with layout= (its mesh's "
+                    "axes) so its local shard is filled by its placements"
+                )
+                return target
             if isinstance(target, torch.Tensor):
                 problems = []
                 if tuple(target.shape) != shape:
@@ -322,14 +436,15 @@ def _plain(target: Any, node: Any, plan: RestorePlan) -> Any:
 
 def mark_shards(tree: Any, sharded: set[str]) -> Any:
     """Replace references to tensors that rules split into regions with ``{"$shard": name}``:
-    they are not whole tensors of the manifest, and a reader rebuilds them through rules."""
+    they are not whole tensors of the manifest, and a reader rebuilds them through rules.
+    DTensor nodes stay ``$tensor``: their local name is the global tensor's name."""
     if not sharded:
         return tree
     if isinstance(tree, list):
         return [mark_shards(x, sharded) for x in tree]
     if isinstance(tree, dict):
         ((tag, val),) = tree.items()
-        if tag == "$tensor" and val in sharded:
+        if tag == "$tensor" and val in sharded and not isinstance(tree, _DTensorRef):
             return {"$shard": val}
         if tag == "$dict":
             return {"$dict": [[k, mark_shards(v, sharded)] for k, v in val]}
