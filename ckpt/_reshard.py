@@ -24,6 +24,7 @@ indexed by ``inter.relative_to(piece.region)``.
 from __future__ import annotations
 
 import bisect
+import itertools
 import functools
 import gc
 import math
@@ -160,11 +161,19 @@ def plan_save(mappings: Sequence[Mapping[str, TensorMapping]], dtypes: Sequence[
     if len(mappings) != len(dtypes):
         raise PlanError([f"{len(mappings)} ranks of mappings but {len(dtypes)} ranks of dtypes"], what="plan the save")
     meta, disagree, regions, problems = _gather(mappings, dtypes)
+    cut = {p.name for tms in mappings for tm in tms.values() if not tm.rule.endswith(FLAT_RULE) for p in tm.pieces}
     problems += _disagreements(mappings, dtypes, disagree)
     good: dict[str, tuple[tuple[int, ...], str]] = {}
     for name in sorted(regions):
         if name not in disagree:
             found = _tiling_problems(name, meta[name][0], regions[name])
+            if found and "overlap without being identical" in found[0] and name not in cut:
+                # Replicas cut differently by flat partitions (a tied weight's ZeRO state on two
+                # stages): refine the regions along all boundaries; equal cells are replicas.
+                # Only for tensors held through flat partitions: anywhere else an unequal
+                # overlap is a rules bug and stays an error.
+                regions[name] = _refine(regions[name], len(meta[name][0]))
+                found = _tiling_problems(name, meta[name][0], regions[name])
             problems += found
             if not found:
                 good[name] = meta[name]
@@ -176,6 +185,36 @@ def plan_save(mappings: Sequence[Mapping[str, TensorMapping]], dtypes: Sequence[
             "regions of it must be identical replicas or disjoint and cover it; check the sharding rules.",
         )
     return SavePlan(_assign(len(mappings), good, regions), {n: good[n][0] for n in good}, {n: good[n][1] for n in good})
+
+
+#: ``TensorMapping.rule`` suffix of flat partitions (``ckpt.rules.ZeroFlat``).
+FLAT_RULE = ":zero_flat"
+
+
+def _refine(held: Mapping[_Key, list], ndim: int) -> dict[_Key, list]:
+    """Cut every region at every other region's boundaries; cells held by several ranks become
+    replicas of each other. Only used for tensors whose regions overlap unequally."""
+    boxes = [rec[0] for rec in held.values() if rec[0].numel]
+    cuts = [sorted({b.offsets[d] for b in boxes} | {b.ends[d] for b in boxes}) for d in range(ndim)]
+    out: dict[_Key, list] = {}
+    for key, rec in held.items():
+        box = rec[0]
+        if not box.numel:
+            out[key] = rec
+            continue
+        segments = []
+        for d in range(ndim):
+            lo, hi = bisect.bisect_left(cuts[d], box.offsets[d]), bisect.bisect_right(cuts[d], box.ends[d])
+            cs = cuts[d][lo:hi]
+            segments.append(list(zip(cs[:-1], cs[1:])))
+        for combo in itertools.product(*segments):
+            cell = Box(tuple(a for a, _ in combo), tuple(b - a for a, b in combo))
+            ck = (cell.offsets, cell.sizes)
+            if ck in out:
+                out[ck].extend(rec[1:])
+            else:
+                out[ck] = [cell, *rec[1:]]
+    return out
 
 
 def _gather(
@@ -200,6 +239,10 @@ def _gather(
                 what = "has no dtype" if dtype is None else f"has dtype {dtype!r}, not one of {sorted(DTYPE_ITEMSIZE)}"
                 _note(bad, f"local tensor {local_name!r} {what}", rank)
                 continue
+            for name, shape in tm.global_shapes.items():  # tensors with no (non-empty) piece
+                if name not in meta and not math.prod(shape):
+                    meta[name] = (tuple(shape), dtype)
+                    regions.setdefault(name, {})
             last = None
             for i, piece in enumerate(tm.pieces):
                 name = piece.name

@@ -29,7 +29,7 @@ from ckpt._tensors import byte_view, dtype_name, host_contiguous
 from ckpt.codecs import DEFAULT_CHECKSUM, Hasher, checksum, default_chain
 from ckpt.layout import Layout
 from ckpt.mapping import Piece, TensorMapping, mapping_from_json, mapping_to_json
-from ckpt.regions import split_box
+from ckpt.regions import Box, split_box
 from ckpt.errors import SaveFailedError
 from ckpt.metadata import (
     MAX_STEP,
@@ -282,6 +282,10 @@ def _version() -> str:
     return __version__
 
 
+def _slices(box: Box) -> tuple[slice, ...]:
+    return tuple(slice(o, o + s) for o, s in zip(box.offsets, box.sizes))
+
+
 def _is_whole(local_name: str, m: TensorMapping) -> bool:
     """The local tensor is exactly the global tensor of the same name (no renaming, no split)."""
     if len(m.pieces) != 1:
@@ -297,13 +301,15 @@ def _storage_order(split_dim: Optional[int], ndim: int) -> Optional[tuple[int, .
     return (split_dim,) + tuple(d for d in range(ndim) if d != split_dim)
 
 
-def _piece_data(t: torch.Tensor, piece: Piece, order: Optional[tuple[int, ...]]) -> torch.Tensor:
-    """The region's elements, from the local tensor, in storage order, contiguous."""
+def _piece_data(t: torch.Tensor, piece: Piece, region: Box, order: Optional[tuple[int, ...]]) -> torch.Tensor:
+    """The elements of ``region`` (all or part of the piece's region), from the local tensor,
+    in storage order, contiguous."""
+    rel = region.relative_to(piece.region)
     if piece.local.sizes == piece.region.sizes:
-        src = t[tuple(slice(o, o + s) for o, s in zip(piece.local.offsets, piece.local.sizes))]
-    else:  # a flat (1-D) local range holding the region in C order
+        src = t[_slices(rel.shift(piece.local.offsets))]
+    else:  # a flat (1-D) local range holding the piece's region in C order
         start = piece.local.offsets[0]
-        src = t.reshape(-1)[start : start + piece.local.sizes[0]].reshape(piece.region.sizes)
+        src = t.reshape(-1)[start : start + piece.local.sizes[0]].reshape(piece.region.sizes)[_slices(rel)]
     if order is not None:
         src = src.permute(order)
     return host_contiguous(src)
@@ -347,7 +353,7 @@ def _write_items(
         t = tensors[item.local_name]
         piece = mappings[item.local_name].pieces[item.piece]
         order = _storage_order(item.split_dim, item.region.ndim)
-        data = _piece_data(t, piece, order)
+        data = _piece_data(t, piece, item.region, order)
         itemsize = data.element_size()
         flat = byte_view(data)
         outer = order[0] if order else 0

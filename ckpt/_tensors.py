@@ -54,7 +54,10 @@ def byte_view(t: torch.Tensor) -> np.ndarray:
     """A flat ``uint8`` numpy view of a contiguous CPU tensor's elements (no copy)."""
     if t.numel() == 0:
         return np.empty(0, dtype=np.uint8)
-    return t.reshape(-1).view(torch.uint8).numpy()
+    flat = t.reshape(-1)
+    if flat.stride(0) != 1:  # one element with an odd stride still counts as contiguous
+        flat = flat.as_strided((flat.numel(),), (1,))
+    return flat.view(torch.uint8).numpy()
 
 
 def numpy_to_tensor(a: np.ndarray, *, where: str) -> torch.Tensor:

@@ -27,6 +27,7 @@ __all__ = [
     "filesystem_of",
     "free_bytes",
     "drop_page_cache",
+    "proc_io",
     "markdown_table",
     "write_json",
 ]
@@ -136,6 +137,25 @@ def drop_page_cache() -> Optional[str]:
     except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def proc_io() -> dict[str, int]:
+    """This process's I/O counters from ``/proc/self/io`` (all its threads); empty if unreadable.
+
+    ``rchar`` counts the bytes its ``read``/``pread`` calls returned, page cache hits included;
+    ``read_bytes`` counts what was fetched from the block device (cache misses). Take the
+    difference of two calls around the work to measure.
+    """
+    try:
+        text = Path("/proc/self/io").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().isdigit():
+            out[key.strip()] = int(value)
+    return out
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: Sequence[bool] = ()) -> str:

@@ -35,11 +35,11 @@ VOCAB_MULTIPLE = 4
 #: Source padding (never saved); the loader must zero padding, so targets start at SENTINEL.
 POISON, SENTINEL = 99, 7
 _OBJECT = re.compile(r"^r(\d{5})-\d{4}\.bin$")
-#: Parameters in the flat optimizer state. Not the tied head nor the unevenly split weights: their
-#: flat offsets differ between the ranks that replicate them, and the save planner refuses
-#: replicas that overlap without being equal (see the xfail test below).
-ZERO_PARAMS = r"(embed|final_norm|layers\.\d+\.(qkv|up|down|norm))\.weight"
+#: Parameters in the flat optimizer state: all of them, including the tied head and the unevenly
+#: split weights, whose flat offsets differ between the ranks that replicate them (the save
+#: planner refines such replica regions into common cells).
 ALL_PARAMS = r"(embed|lm_head|final_norm|layers\.\d+\.[a-z]+)\.weight"
+ZERO_PARAMS = ALL_PARAMS
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def local_state(model: Model, lay: Layout, glob: dict[str, torch.Tensor], pad: i
     states = [cut(_kind(g), glob[f"optim.exp_avg.{g}"]) for g in selected]  # in state order
     out["optim.exp_avg"] = zero_partition(states, lay.size("dp"), lay.coord("dp"), model.align, model.partition, pad)
     out["optim.step"] = glob["optim.step"]
-    # Fresh C-contiguous tensors (clone() would keep a slice's strides; see the xfail test below).
+    # Fresh C-contiguous tensors (clone() would keep a slice's strides).
     return {k: torch.empty(v.shape, dtype=v.dtype).copy_(v) for k, v in out.items()}
 
 
@@ -324,7 +324,6 @@ def check_manifest(url: str, src: Layout, rules: Rules, glob: dict[str, torch.Te
     _, m = ckpt.open_manifest(url)
     assert m.world_size == src.world_size
     assert m.layout == {"axes": [[n, s] for n, s in src.axes], "rules": rules.to_json()}
-    # Zero-element tensors are dropped from rule-mapped saves (see the xfail test below).
     assert {n for n, t in glob.items() if t.numel()} <= set(m.tensors) <= set(glob)
     writers = set()
     for name, meta in m.tensors.items():
@@ -387,11 +386,6 @@ def reshard(model: Model, src: Layout, dst: Layout) -> None:
             store.delete(key)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: a tensor with zero elements saved through rules has no pieces (rules drop empty "
-    "pieces) and plan_save registers tensors from pieces only, so it is missing from the manifest "
-    "and its tree node is $shard; fix: register every name of TensorMapping.global_shapes in "
-    "ckpt._reshard._gather"))
 def test_zero_element_tensor_saved_with_rules_is_in_the_manifest() -> None:
     url = f"memory://reshard-e2e-{uuid.uuid4().hex}"
     rules = Rules(shards=(Replicated("w|b"),))
@@ -400,10 +394,6 @@ def test_zero_element_tensor_saved_with_rules_is_in_the_manifest() -> None:
     assert set(m.tensors) == {"w", "b"} and tuple(m.tensors["w"].shape) == (0, 3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: ckpt._tensors.byte_view does t.reshape(-1).view(torch.uint8); a contiguous "
-    "one-element tensor may keep a stride != 1 (a slice like x[::2][:1]), and the byte view "
-    "then raises; fix: as_strided((numel,), (1,)) when the flat stride is not 1"))
 def test_one_element_tensor_with_a_stride_saves() -> None:
     url = f"memory://reshard-e2e-{uuid.uuid4().hex}"
     x = torch.arange(4.0)[::2][:1]  # shape (1,), stride (2,): contiguous, by torch's definition
@@ -413,13 +403,6 @@ def test_one_element_tensor_with_a_stride_saves() -> None:
 _ALL_FLOAT = tuple((k, torch.float32) for k in ("embed", "qkv", "up", "down", "colu", "rowu", "norm"))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library limitation: plan_save refuses replica regions that overlap without being equal; a "
-    "flat (ZeroFlat) optimizer state over TP-replicated or tied parameters gets such regions when "
-    "the flat offsets differ between the replicas (tied LM head at the end of the last stage's "
-    "flat, embedding at the start of the first's; uneven TP splits before a replicated norm). "
-    "The shipped megatron_gpt rules put the tied head in the flat state. Fix: split overlapping "
-    "replica regions at each other's boundaries in ckpt._reshard.plan_save"))
 @pytest.mark.parametrize(
     "sizes,src",
     [
