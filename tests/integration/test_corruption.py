@@ -116,3 +116,48 @@ def test_cli_ls_inspect_and_errors(tmp_path) -> None:
     assert usage.returncode == 2
     bad_step = _cli("verify", url, "--step", "8")
     assert bad_step.returncode == 1 and "step 8 is not committed" in bad_step.stderr
+
+
+def test_partial_reads_verify_every_block_they_fetch(tmp_path) -> None:
+    """A rank that reads part of a chunk verifies the 256 KiB blocks it fetched (and only those)."""
+    import threading
+
+    from ckpt._comm import ThreadGroup
+    from ckpt.layout import Layout
+    from ckpt.rules import Rules, Split
+
+    url = str(tmp_path / "ckpt")
+    w = torch.randn(1024, 512)  # 2 MiB: one chunk of 8 blocks
+    ckpt.save({"w": w}, url, step=1)
+    path, off, length = _object_of(url, "w")
+    _flip(path, off + length - 1000)  # inside block 7, which only rank 1 reads
+    rules = Rules(shards=(Split("w", dim=0),))
+    group = ThreadGroup(2)
+    outcome: dict[int, object] = {}
+
+    def rank(r: int) -> None:
+        target = {"w": torch.zeros(512, 512)}
+        try:
+            res = ckpt.load(target, url, layout=Layout.grid(tp=2, rank=r), rules=rules, comm=group.comm(r))
+            outcome[r] = (res.bytes_read, target["w"])
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            outcome[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert isinstance(outcome[1], CorruptChunkError) and "block 7" in str(outcome[1])
+    assert isinstance(outcome[0], ckpt.CheckpointError) and "rank(s) [1]" in str(outcome[0])
+    # without the flip each rank reads exactly its half
+    _flip(path, off + length - 1000)
+    outcome.clear()
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for r in range(2):
+        nbytes, got = outcome[r]
+        assert nbytes == 512 * 512 * 4 and torch.equal(got, w[r * 512 : (r + 1) * 512])
