@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from ckpt.store.local import LocalStore
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for any --import-mode
 import _gloo_worker as worker  # noqa: E402
+import _procs  # noqa: E402
 
 WORKER = Path(worker.__file__).resolve()
 WORLD = 2
@@ -37,53 +37,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 _OBJECT = re.compile(r"^r(\d{5})-\d{4}\.bin$")
 
 
-def _logs(tmp_path: Path) -> str:
-    parts = []
-    for rank in range(WORLD):
-        log = tmp_path / f"rank{rank}.log"
-        text = log.read_text(errors="replace") if log.exists() else "(no log)"
-        parts.append(f"--- rank {rank} ---\n{text[-4000:]}")
-    return "\n".join(parts)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    for p in procs:
-        p.wait()
-
-
 def run_job(tmp_path: Path, scenario: str) -> tuple[str, list[dict[str, Any]]]:
     """Run ``scenario`` on ``WORLD`` ranks; returns (checkpoint root, each rank's report)."""
     root, rdv = tmp_path / "ckpt", tmp_path / "rendezvous"
     rdv.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, whatever the host name resolves to
+    env = _procs.rank_env()
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(WORLD):
-            with open(tmp_path / f"rank{rank}.log", "wb") as log:
-                procs.append(subprocess.Popen(
-                    [sys.executable, str(WORKER), scenario, str(rank), str(WORLD), str(root), str(rdv),
-                     str(tmp_path / f"rank{rank}.json")],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                ))
-        deadline = time.monotonic() + DEADLINE_S
-        while any(p.poll() is None for p in procs):
-            failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed:
-                _stop(procs)
-                pytest.fail(f"{scenario}: rank(s) {failed} failed\n{_logs(tmp_path)}")
-            if time.monotonic() > deadline:
-                _stop(procs)
-                pytest.fail(f"{scenario}: ranks still running after {DEADLINE_S} s (hang)\n{_logs(tmp_path)}")
-            time.sleep(0.05)
-        codes = [p.returncode for p in procs]
-        assert codes == [0] * WORLD, f"{scenario}: exit codes {codes}\n{_logs(tmp_path)}"
+            procs.append(_procs.start_rank(
+                [WORKER, scenario, rank, WORLD, root, rdv, tmp_path / f"rank{rank}.json"],
+                tmp_path / f"rank{rank}.log", env,
+            ))
+        _procs.wait_all(procs, scenario, tmp_path, DEADLINE_S)
     finally:
-        _stop(procs)
+        _procs.stop(procs)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert [r["comm"] for r in reports] == ["TorchComm"] * WORLD
     return str(root), reports

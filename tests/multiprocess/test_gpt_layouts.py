@@ -20,7 +20,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import ckpt
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for any --import-mode
 import _gpt_worker as worker  # noqa: E402
 import tiny_gpt as gpt  # noqa: E402
+import _procs  # noqa: E402
 
 WORKER = Path(worker.__file__).resolve()
 #: A job (up to four interpreters importing torch, then a few steps) must finish by this.
@@ -65,49 +65,13 @@ needs_layout_api = pytest.mark.xfail(
 # --------------------------------------------------------------------------------------------
 
 
-def _logs(job_dir: Path, world: int) -> str:
-    parts = []
-    for rank in range(world):
-        log = job_dir / f"rank{rank}.log"
-        text = log.read_text(errors="replace") if log.exists() else "(no log)"
-        parts.append(f"--- rank {rank} ---\n{text[-4000:]}")
-    return "\n".join(parts)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    for p in procs:
-        p.wait()
-
-
-def _wait(procs: list[subprocess.Popen], what: str, job_dir: Path) -> None:
-    """Poll until every rank exits 0; kill all and fail on the first failure or the deadline."""
-    deadline = time.monotonic() + DEADLINE_S
-    while any(p.poll() is None for p in procs):
-        failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
-        if failed:
-            _stop(procs)
-            pytest.fail(f"{what}: rank(s) {failed} failed\n{_logs(job_dir, len(procs))}")
-        if time.monotonic() > deadline:
-            _stop(procs)
-            pytest.fail(f"{what}: ranks still running after {DEADLINE_S} s (hang)\n{_logs(job_dir, len(procs))}")
-        time.sleep(0.05)
-    codes = [p.returncode for p in procs]
-    if codes != [0] * len(procs):
-        pytest.fail(f"{what}: exit codes {codes}\n{_logs(job_dir, len(procs))}")
-
-
 def run_job(job_dir: Path, tp: int, pp: int, dp: int, actions: list[dict[str, Any]],
             init_seed: int = INIT_SEED) -> list[dict[str, Any]]:
     """Run ``actions`` on ``tp * pp * dp`` ranks; returns each rank's report, by rank."""
     world, what = tp * pp * dp, f"tp={tp} pp={pp} dp={dp}"
     job_dir.mkdir(parents=True)
     job = json.dumps({"init_seed": init_seed, "data_seed": DATA_SEED, "actions": actions})
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, whatever the host name resolves to
+    env = _procs.rank_env()
     store = None
     if world > 1:
         store = dist.TCPStore("127.0.0.1", 0, None, is_master=True, timeout=timedelta(seconds=DEADLINE_S),
@@ -117,12 +81,10 @@ def run_job(job_dir: Path, tp: int, pp: int, dp: int, actions: list[dict[str, An
         for rank in range(world):
             args = ["--rank", rank, "--world", world, "--store-port", store.port if store else 0,
                     "--tp", tp, "--pp", pp, "--dp", dp, "--job", job, "--out", job_dir / f"rank{rank}.json"]
-            with open(job_dir / f"rank{rank}.log", "wb") as log:
-                procs.append(subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], stdout=log,
-                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
-        _wait(procs, what, job_dir)
+            procs.append(_procs.start_rank([WORKER, *args], job_dir / f"rank{rank}.log", env))
+        _procs.wait_all(procs, what, job_dir, DEADLINE_S)
     finally:
-        _stop(procs)
+        _procs.stop(procs)
         del store
     return [json.loads((job_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
