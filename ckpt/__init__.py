@@ -45,6 +45,8 @@ _LAZY = {
     "retain": "ckpt._api",
     "verify": "ckpt._api",
     "RetentionReport": "ckpt._commit",
+    "convert": "ckpt.convert",
+    "diff": "ckpt.convert",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ckpt._commit import RetentionReport
     from ckpt._load import LoadResult, load
     from ckpt._verify import VerifyReport
+    from ckpt.convert import convert, diff
     from ckpt._save import SaveResult, save
 
 __all__ = [
@@ -62,6 +65,8 @@ __all__ = [
     "retain",
     "verify",
     "open_manifest",
+    "convert",
+    "diff",
     "SaveResult",
     "LoadResult",
     "VerifyReport",

@@ -1,8 +1,9 @@
-"""The ``ckpt`` command line: list, inspect and verify checkpoints.
+"""The ``ckpt`` command line: list, inspect, verify, convert and diff checkpoints.
 
 Exit codes: 0 ok, 1 operational error (missing checkpoint, unreadable store, bad manifest),
-2 usage error, 3 verification failed. Every error is one line on stderr saying what and where.
-This module imports no torch.
+2 usage error, 3 verification failed (``diff``: 0 equal, 1 different). Every error is one line
+on stderr saying what and where. This module imports no torch; ``convert``/``diff`` and the
+commands on other formats (``ckpt._cli_convert``) load it when they run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, Optional, Sequence
 
-from ckpt import _api, _commit
+from ckpt import _api, _cli_convert, _commit
 from ckpt.errors import CheckpointError, ManifestError
 from ckpt.metadata import Manifest
 from ckpt.store import open_store
@@ -130,6 +131,11 @@ def _top_keys(tree: Any) -> list[str]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    fmt = _cli_convert.foreign_format(args.url, args.format, _storage_options(args))
+    if fmt is not None:
+        if args.step is not None:
+            raise _UsageError(f"--step applies to universal checkpoints, not {fmt}")
+        return _cli_convert.cmd_foreign_inspect(args, fmt, _storage_options(args))
     store, m = _api.open_manifest(args.url, step=args.step, storage_options=_storage_options(args))
     info = _manifest_summary(store.url, m, tensors=True)
     if args.json:
@@ -155,6 +161,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     opts = _storage_options(args)
+    fmt = _cli_convert.foreign_format(args.url, args.format, opts)
+    if fmt is not None:
+        if args.step is not None or args.all:
+            raise _UsageError(f"--step/--all apply to universal checkpoints, not {fmt}")
+        return _cli_convert.cmd_foreign_verify(args, fmt, opts)
     store = open_store(args.url, storage_options=opts)
     if args.all:
         steps = sorted(_commit.latest_saves(_commit.list_saves(store)))
@@ -202,37 +213,49 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ckpt", description="Inspect and verify ckpt checkpoints (local paths, s3://, any fsspec URL).")
+    p = _Parser(prog="ckpt", description="List, inspect, verify, convert and compare checkpoints (local paths, s3://, any fsspec URL).")
     from ckpt import __version__
 
     p.add_argument("--version", action="version", version=f"ckpt {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("url", help="checkpoint root: a path, file://, s3://bucket/prefix or another fsspec URL")
+    def storage(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                         help="fsspec storage option (VALUE parsed as JSON when it is JSON); repeatable")
         sp.add_argument("--endpoint-url", help="S3-compatible endpoint (e.g. http://127.0.0.1:9000)")
         sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("url", help="checkpoint root: a path, file://, s3://bucket/prefix or another fsspec URL")
+        storage(sp)
+
+    def any_format(sp: argparse.ArgumentParser) -> None:
+        from ckpt.formats import FORMATS
+
+        sp.add_argument("--from", dest="format", choices=FORMATS,
+                        help="the checkpoint's format (default: detected; universal is ckpt's own)")
 
     ls = sub.add_parser("ls", help="list committed steps")
     common(ls)
     ls.add_argument("-l", "--long", action="store_true", help="read each manifest: time, ranks, sizes")
     ls.set_defaults(func=cmd_ls)
 
-    ins = sub.add_parser("inspect", help="show one step: tensors, sizes, codecs, layout, extras")
+    ins = sub.add_parser("inspect", help="show a checkpoint of any format: tensors, sizes, codecs, layout, extras")
     common(ins)
+    any_format(ins)
     ins.add_argument("--step", type=int, help="step to show (default: latest committed)")
     ins.set_defaults(func=cmd_inspect)
 
-    ver = sub.add_parser("verify", help="read every chunk and check its checksum (exit 3 if corrupt)")
+    ver = sub.add_parser("verify", help="read every chunk and check its checksum (exit 3 if corrupt); other formats: structure")
     common(ver)
+    any_format(ver)
     g = ver.add_mutually_exclusive_group()
     g.add_argument("--step", type=int, help="step to verify (default: latest committed)")
     g.add_argument("--all", action="store_true", help="verify every committed step")
     ver.add_argument("--threads", type=int, default=4, help="parallel reads (default 4)")
     ver.set_defaults(func=cmd_verify)
+    _cli_convert.add_commands(sub, storage)
     return p
 
 
@@ -241,6 +264,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.func == "convert":
+            return _cli_convert.cmd_convert(args, _storage_options(args), _UsageError)
+        if args.func == "diff":
+            return _cli_convert.cmd_diff(args, _storage_options(args))
         return int(args.func(args))
     except _UsageError as e:
         sys.stderr.write(f"ckpt: error: {e}\n")

@@ -1,0 +1,522 @@
+"""The in-process lazy snapshot engine: record references now, copy in the background.
+
+``snapshot(step)`` flattens the state (model, optimizer, nested dicts, plain values), captures
+the plain values and the list of tensors, and returns; a copier thread then copies each tensor
+into a reused, pre-faulted slot of a ``SnapshotBuffers`` and checksums it. Two slots: one holds
+the latest complete snapshot while the other is filled (DataStates-LLM's lazy copy, PRIOR_ART
+§1.2). Tensors are immutable during forward and backward, so training only has to wait before
+something mutates them: ``register_guard(optimizer)`` installs a step pre-hook that waits, in the
+copier's order, for the completion of exactly the tensors that optimizer will write and that
+are still being copied (and returns at once when none are).
+
+Errors in the copier are latched (STYLE rules 8 and 10): the training step never sees an
+exception from the thread; the error surfaces exactly once, at the next ``wait()`` (raised) or
+``snapshot()`` (logged, or raised once ``max_failures`` consecutive snapshots failed).
+
+On CUDA, a tensor on the device is copied on a side stream that first waits for an event
+recorded on the compute stream at ``snapshot()``, into pinned slots (``PinnedBuffers``); a guard
+makes the compute stream wait for the copy's event instead of blocking the host.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+from ckpt._state import flatten
+from ckpt._tensors import byte_view, dtype_name, host_contiguous
+from ckpt.codecs import checksum
+from ckpt.snapshot._buffers import InProcessBuffers, SnapshotBuffers
+
+__all__ = ["SnapshotPolicy", "SnapshotEngine", "Snapshot", "SnapshotFailedError", "CopyFn"]
+
+log = logging.getLogger("ckpt.snapshot")
+
+#: ``copy_fn(dst, src)``: copy the ``uint8`` array ``src`` into ``dst`` (same size).
+CopyFn = Callable[[np.ndarray, np.ndarray], None]
+
+_ALIGN = 64  # every tensor starts on a 64-byte boundary of its slot (any dtype view fits)
+
+
+class SnapshotFailedError(RuntimeError):
+    """Snapshots failed ``max_failures`` times in a row (the last error is the ``__cause__``)."""
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    """What the engine does under pressure.
+
+    Attributes:
+        backpressure: ``"skip"`` (log and skip the snapshot) or ``"wait"`` (block ``snapshot()``
+            until a slot frees, at most ``wait_timeout_s``, then skip) when no slot is free.
+        wait_timeout_s: the longest ``"wait"`` blocks; ``None`` waits as long as it takes.
+        max_failures: ``snapshot()`` raises ``SnapshotFailedError`` when this many snapshots in
+            a row failed in the copier; fewer are logged once each.
+        checksum: the algorithm of the per-tensor checksums.
+    """
+
+    backpressure: str = "skip"
+    wait_timeout_s: Optional[float] = None
+    max_failures: int = 3
+    checksum: str = "crc32c"
+
+    def __post_init__(self) -> None:
+        if self.backpressure not in ("skip", "wait"):
+            raise ValueError(f"backpressure must be 'skip' or 'wait', not {self.backpressure!r}")
+        if self.max_failures < 1:
+            raise ValueError(f"max_failures must be >= 1, not {self.max_failures}")
+        if self.wait_timeout_s is not None and self.wait_timeout_s < 0:
+            raise ValueError(f"wait_timeout_s must be >= 0 or None, not {self.wait_timeout_s}")
+
+
+@dataclass(eq=False)
+class _Entry:
+    name: str
+    src: Optional[torch.Tensor]  # dropped once copied, so the engine keeps no tensor alive
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    key: int  # the source's storage address: tensors sharing storage share a key
+    cuda: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    issued: threading.Event = field(default_factory=threading.Event)  # CUDA: copy enqueued
+    cuda_event: Any = None
+
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    status: str = "free"  # free | busy | complete | stale (complete, superseded, still pinned)
+    pins: int = 0
+    job: Optional["_Job"] = None
+
+
+@dataclass(eq=False)
+class _Job:
+    step: int
+    slot: _Slot
+    entries: list[_Entry]
+    total: int
+    tree: Any
+    ndarrays: frozenset[str]
+    ready_event: Any = None  # CUDA event on the compute stream at snapshot()
+    checksums: dict[str, str] = field(default_factory=dict)
+    buffer: Optional[np.ndarray] = None
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+class Snapshot:
+    """A complete snapshot, pinned in its slot until ``release()`` (or the ``with`` block ends).
+
+    Attributes:
+        step: the training step it was taken at.
+        tree: the state's JSON tree (plain values as of ``snapshot(step)``).
+        buffers: ``{tensor name: uint8 array}``, views into the slot.
+        checksums: ``{tensor name: hex checksum}`` of those bytes.
+        algorithm: the checksum algorithm.
+        dtypes, shapes: each tensor's dtype and shape.
+    """
+
+    def __init__(self, job: _Job, algorithm: str, release: Callable[[], None]) -> None:
+        assert job.buffer is not None
+        self.step = job.step
+        self.tree = job.tree
+        self.ndarrays = job.ndarrays
+        self.algorithm = algorithm
+        self.buffers = {e.name: job.buffer[e.offset : e.offset + e.nbytes] for e in job.entries}
+        self.checksums = dict(job.checksums)
+        self.dtypes = {e.name: e.dtype for e in job.entries}
+        self.shapes = {e.name: e.shape for e in job.entries}
+        self._release = release
+        self._released = False
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a CPU tensor viewing the slot (valid until ``release()``)."""
+        raw = torch.from_numpy(self.buffers[name])
+        return raw.view(self.dtypes[name]).view(self.shapes[name]) if raw.numel() else torch.empty(self.shapes[name], dtype=self.dtypes[name])
+
+    def verify(self) -> list[str]:
+        """Names of the tensors whose bytes no longer match their checksum."""
+        return [n for n, b in self.buffers.items() if checksum(self.algorithm, b) != self.checksums[n]]
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.buffers = {}
+            self._release()
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except Exception:  # a tensor without storage: key by identity
+        return id(t)
+
+
+class SnapshotEngine:
+    """Lazy, double-buffered snapshots of ``state`` into reused host buffers.
+
+    Args:
+        state: anything ``ckpt`` can flatten (modules, optimizers, schedulers, nested dicts,
+            tensors, plain values); flattened again at every ``snapshot()``, so plain values
+            and objects' ``state_dict()`` are captured at that step.
+        buffers: where the slots live (default ``InProcessBuffers``; ``PinnedBuffers`` on CUDA).
+        policy: back-pressure and failure policy.
+        copy_fn: copies one tensor's bytes (``numpy.copyto`` by default; tests slow it down).
+        slots: number of slots (2: double buffering).
+
+    ``start()`` starts the copier thread; ``close()`` is mandatory (or use ``with``).
+    """
+
+    def __init__(
+        self,
+        state: Any,
+        *,
+        buffers: Optional[SnapshotBuffers] = None,
+        policy: Optional[SnapshotPolicy] = None,
+        copy_fn: Optional[CopyFn] = None,
+        slots: int = 2,
+    ) -> None:
+        if slots < 2:
+            raise ValueError(f"slots must be >= 2 (one complete, one being filled), not {slots}")
+        self._state = state
+        self._buffers = buffers if buffers is not None else InProcessBuffers()
+        self.policy = policy if policy is not None else SnapshotPolicy()
+        self._copy_fn: CopyFn = copy_fn if copy_fn is not None else np.copyto
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._inflight: list[_Job] = []
+        self._latest: Optional[_Slot] = None
+        self._error: Optional[BaseException] = None
+        self._failures = 0
+        self._thread: Optional[threading.Thread] = None
+        self._stop = False
+        self._closed = False
+        self._hooks: list[Any] = []
+        self._side_stream: Any = None
+        #: counters: taken, skipped, completed, failed, blocked_s (guards and wait_for),
+        #: snapshot_s (time spent inside snapshot()), wait_s (inside wait()), and on the copier:
+        #: copy_s, copied_bytes (host copies), checksum_s
+        self.stats: dict[str, float] = dict(
+            taken=0, skipped=0, completed=0, failed=0, blocked_s=0.0, snapshot_s=0.0, wait_s=0.0, copy_s=0.0, copied_bytes=0, checksum_s=0.0
+        )
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> SnapshotEngine:
+        """Start the copier thread (once)."""
+        if self._closed:
+            raise RuntimeError("SnapshotEngine is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ckpt-snapshot-copier", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Finish the copies in flight, join the copier, remove guards, free the buffers.
+        Idempotent. A latched error not yet surfaced is logged."""
+        if self._closed:
+            return
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"snapshot copier did not finish within {timeout} s")
+        self._closed = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        with self._cond:
+            self._latest = None
+            if self._error is not None:
+                log.warning("snapshot engine closed with an unreported copier error: %r", self._error)
+                self._error = None
+        self._buffers.close()
+
+    def __enter__(self) -> SnapshotEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def memory_bytes(self) -> int:
+        """Host bytes held by the snapshot slots now (bounded by ``slots`` x state size)."""
+        return self._buffers.memory_bytes
+
+    # ---------------------------------------------------------------- taking snapshots
+    def snapshot(self, step: int) -> bool:
+        """Record the state's tensors and plain values at ``step`` and return; the copy runs in
+        the background. Returns False when back-pressure skipped it.
+
+        Raises:
+            SnapshotFailedError: ``policy.max_failures`` snapshots in a row failed.
+            UnsupportedStateError: the state holds something that cannot be snapshotted.
+        """
+        t0 = time.perf_counter()
+        try:
+            return self._snapshot(step)
+        finally:
+            self.stats["snapshot_s"] += time.perf_counter() - t0
+
+    def _snapshot(self, step: int) -> bool:
+        if self._thread is None or self._closed:
+            raise RuntimeError("SnapshotEngine is not started (call start() or use 'with') or is closed")
+        self._surface_at_snapshot()
+        flat = flatten(self._state)
+        entries, offset, any_cuda = [], 0, False
+        for name, t in flat.tensors.items():
+            t = t.detach()
+            nbytes = t.numel() * t.element_size()
+            cuda = t.device.type == "cuda"
+            any_cuda |= cuda
+            dtype_name(t.dtype, where=f"tensor {name!r}")
+            entries.append(_Entry(name, t, offset, nbytes, t.dtype, tuple(t.shape), _storage_key(t), cuda))
+            offset += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+        ready = None
+        if any_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream())
+        with self._cond:
+            slot = self._free_slot()
+            if slot is None and self.policy.backpressure == "wait":
+                deadline = None if self.policy.wait_timeout_s is None else time.monotonic() + self.policy.wait_timeout_s
+                while slot is None and not self._stop:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._cond.wait(left)
+                    slot = self._free_slot()
+            if slot is None:
+                self.stats["skipped"] += 1
+                log.warning("snapshot of step %d skipped: both snapshot buffers are busy (policy %s)", step, self.policy.backpressure)
+                return False
+            job = _Job(step, slot, entries, offset, flat.tree, frozenset(flat.ndarrays), ready)
+            slot.status, slot.job = "busy", job
+            self._queue.append(job)
+            self._inflight.append(job)
+            self.stats["taken"] += 1
+            self._cond.notify_all()
+        return True
+
+    def _free_slot(self) -> Optional[_Slot]:
+        return next((s for s in self._slots if s.status == "free"), None)
+
+    def _surface_at_snapshot(self) -> None:
+        with self._cond:
+            err, self._error = self._error, None
+            failures = self._failures
+        if err is None:
+            return
+        if failures >= self.policy.max_failures:
+            raise SnapshotFailedError(f"{failures} snapshots in a row failed; the last with {err!r}") from err
+        log.error("snapshot failed (%d in a row, raising at %d): %r", failures, self.policy.max_failures, err)
+
+    # ---------------------------------------------------------------- waiting
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Block until every snapshot in flight is copied and checksummed; re-raise a latched
+        copier error (once).
+
+        Raises:
+            TimeoutError: still copying after ``timeout`` seconds.
+        """
+        t0 = time.perf_counter()
+        try:
+            with self._cond:
+                jobs = list(self._inflight)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for job in jobs:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not job.finished.wait(left):
+                    raise TimeoutError(f"snapshot of step {job.step} still copying after {timeout} s")
+            with self._cond:
+                err, self._error = self._error, None
+            if err is not None:
+                raise err
+        finally:
+            self.stats["wait_s"] += time.perf_counter() - t0
+
+    def wait_for(self, *tensors: torch.Tensor, timeout: Optional[float] = None) -> None:
+        """Block until no snapshot in flight still has to read ``tensors`` (or anything sharing
+        their storage), so they may be written. Returns at once when none does. For CUDA tensors
+        the current stream is made to wait for the copy instead of the host."""
+        self._wait_keys({_storage_key(t) for t in tensors}, timeout)
+
+    def _wait_keys(self, keys: set[int], timeout: Optional[float]) -> None:
+        with self._cond:
+            jobs = list(self._inflight)
+        if not jobs:
+            return
+        t0 = time.perf_counter()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for job in jobs:  # in the copier's order
+                for e in job.entries:
+                    if e.key not in keys or e.done.is_set():
+                        continue
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    if e.cuda:
+                        if not e.issued.wait(left):
+                            raise TimeoutError(f"copy of {e.name!r} (step {job.step}) not issued after {timeout} s")
+                        if e.cuda_event is not None:
+                            torch.cuda.current_stream().wait_event(e.cuda_event)
+                    elif not e.done.wait(left):
+                        raise TimeoutError(f"copy of {e.name!r} (step {job.step}) not done after {timeout} s")
+        finally:
+            self.stats["blocked_s"] += time.perf_counter() - t0
+
+    def register_guard(self, obj: Any) -> Any:
+        """Protect what ``obj`` mutates from snapshots still being copied.
+
+        An optimizer gets a step pre-hook waiting for its parameters and state tensors; a module
+        gets a forward pre-hook waiting for its buffers (e.g. BatchNorm running statistics that
+        forward updates). Returns the hook handle (removed by ``close()``).
+        """
+        if isinstance(obj, torch.optim.Optimizer):
+
+            def opt_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                if not self._inflight:  # nothing in flight: no cost beyond this test
+                    return
+                keys = {_storage_key(p) for g in opt.param_groups for p in g["params"]}
+                for st in opt.state.values():
+                    keys.update(_storage_key(v) for v in st.values() if isinstance(v, torch.Tensor))
+                self._wait_keys(keys, None)
+
+            handle = obj.register_step_pre_hook(opt_hook)
+        elif isinstance(obj, torch.nn.Module):
+
+            def mod_hook(mod: torch.nn.Module, args: Any) -> None:
+                if self._inflight:
+                    self._wait_keys({_storage_key(b) for b in mod.buffers()}, None)
+
+            handle = obj.register_forward_pre_hook(mod_hook)
+        else:
+            raise TypeError(f"register_guard takes a torch optimizer or module, not {type(obj).__name__}")
+        self._hooks.append(handle)
+        return handle
+
+    # ---------------------------------------------------------------- reading
+    def latest_complete(self) -> Optional[Snapshot]:
+        """The newest snapshot whose tensors are all copied and checksummed, pinned in its slot
+        until ``release()`` (a pinned slot is not reused: release it promptly); None if none."""
+        with self._cond:
+            slot = self._latest
+            if slot is None or slot.job is None:
+                return None
+            slot.pins += 1
+            job = slot.job
+        return Snapshot(job, self.policy.checksum, lambda: self._unpin(slot))
+
+    def _unpin(self, slot: _Slot) -> None:
+        with self._cond:
+            slot.pins -= 1
+            if slot.pins == 0 and slot.status == "stale":
+                slot.status, slot.job = "free", None
+                self._cond.notify_all()
+
+    # ---------------------------------------------------------------- the copier
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+            try:
+                self._copy(job)
+            except BaseException as e:  # latched; the training thread decides at snapshot()/wait()
+                for ent in job.entries:
+                    ent.src = None
+                    ent.issued.set()
+                    ent.done.set()
+                with self._cond:
+                    self._error = e
+                    self._failures += 1
+                    self.stats["failed"] += 1
+                    job.slot.status, job.slot.job = "free", None
+                    self._inflight.remove(job)
+                    self._cond.notify_all()
+                log.debug("snapshot of step %d failed", job.step, exc_info=True)
+            else:
+                with self._cond:
+                    old, self._latest = self._latest, job.slot
+                    job.slot.status = "complete"
+                    if old is not None:
+                        if old.pins == 0:
+                            old.status, old.job = "free", None
+                        else:
+                            old.status = "stale"
+                    self._failures = 0
+                    self.stats["completed"] += 1
+                    self._inflight.remove(job)
+                    self._cond.notify_all()
+            finally:
+                job.finished.set()
+
+    def _copy(self, job: _Job) -> None:
+        buf = self._buffers.allocate(job.slot.index, job.total)
+        job.buffer = buf
+        cuda_entries = [e for e in job.entries if e.cuda]
+        if cuda_entries:
+            self._issue_cuda(job, cuda_entries)
+        t0 = time.perf_counter()
+        for e in job.entries:
+            if e.cuda:
+                continue
+            src = e.src
+            assert src is not None
+            if src.device.type == "cpu" and src.is_contiguous() and not src.is_conj() and not src.is_neg():
+                data = byte_view(src)
+            else:  # a non-contiguous view (or a conj/neg view): gathered by value first
+                data = byte_view(host_contiguous(src))
+            self._copy_fn(buf[e.offset : e.offset + e.nbytes], data)
+            e.src = None
+            e.done.set()
+        for e in cuda_entries:
+            e.cuda_event.synchronize()
+            e.src = None
+            e.done.set()
+        t1 = time.perf_counter()
+        algo = self.policy.checksum
+        for e in job.entries:
+            job.checksums[e.name] = checksum(algo, buf[e.offset : e.offset + e.nbytes])
+        self.stats["copy_s"] += t1 - t0
+        self.stats["copied_bytes"] += sum(e.nbytes for e in job.entries)
+        self.stats["checksum_s"] += time.perf_counter() - t1
+
+    def _issue_cuda(self, job: _Job, entries: Iterable[_Entry]) -> None:
+        """Enqueue the device-to-host copies on the side stream, after the compute stream's
+        ``ready_event``; each gets its own event that guards make the compute stream wait on."""
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream()
+        whole = self._buffers.as_tensor(job.slot.index)
+        with torch.cuda.stream(self._side_stream):
+            self._side_stream.wait_event(job.ready_event)
+            for e in entries:
+                src = e.src
+                assert src is not None
+                src.record_stream(self._side_stream)  # the allocator must not reuse it mid-copy
+                if e.nbytes:
+                    dst = whole[e.offset : e.offset + e.nbytes].view(e.dtype).view(e.shape)
+                    dst.copy_(src, non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self._side_stream)
+                e.cuda_event = ev
+                e.issued.set()
