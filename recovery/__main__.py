@@ -1,0 +1,5 @@
+"""``python -m recovery``: the coordinator (``recovery.cli``)."""
+
+from recovery.cli import main
+
+raise SystemExit(main())
