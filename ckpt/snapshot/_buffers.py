@@ -86,9 +86,8 @@ class InProcessBuffers(SnapshotBuffers):
             cur = self._bufs.get(slot)
         if cur is not None and cur.size >= nbytes:
             return cur
-        with self._lock:
-            self._bufs.pop(slot, None)  # drop the old one first: peak memory stays one slot
         del cur
+        self.free(slot)  # drop the old one first: peak memory stays one slot
         buf = self._new(_round_up(max(nbytes, 1)))
         prefault(buf)
         with self._lock:
