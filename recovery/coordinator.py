@@ -75,7 +75,8 @@ class Coordinator:
             self._members[member.key] = Member(member.job, member.rank, member.node, member.agent_address,
                                                member.layout, gen)
             self._event("JOINED", member.job, member.rank, member.node, gen, now)
-            log.info("job %s rank %d registered from %s generation %d", member.job, member.rank, member.node, gen)
+            log.info("job %s rank %d registered from %s generation %d", member.job, member.rank, member.node, gen,
+                     extra={"job": member.job, "rank": member.rank, "generation": gen, "event": "registered"})
             return gen
 
     def heartbeat(self, hb: Heartbeat, now: float) -> int:
@@ -87,13 +88,20 @@ class Coordinator:
         """Declare silent members failed (called every interval by the server's sweeper)."""
         with self._lock:
             failed = self.detector.expired(now)
+            for job in sorted({f.job for f in failed}):  # one write per job, not per failure
+                self.registry.set_epoch(job, self.detector.epoch(job))
             for f in failed:
                 m = self._members.get((f.job, f.rank))
-                self.registry.set_epoch(f.job, self.detector.epoch(f.job))
                 self._event("FAILED", f.job, f.rank, m.node if m else "", f.generation, now)
                 log.warning("job %s rank %d failed: silent for %.2f s (generation %d fenced)",
-                            f.job, f.rank, f.latency, f.generation)
+                            f.job, f.rank, f.latency, f.generation,
+                            extra={"job": f.job, "rank": f.rank, "generation": f.generation, "event": "failed"})
             return failed
+
+    def next_deadline(self) -> Optional[float]:
+        """The earliest ``now`` at which ``sweep`` may declare someone failed (``None``: nobody live)."""
+        with self._lock:
+            return self.detector.next_deadline()
 
     # -- snapshots -------------------------------------------------------------------------------
     def report_snapshot(self, r: SnapshotReport, now: float) -> LatestSteps:

@@ -130,6 +130,10 @@ class FailureDetector:
         """``{rank: generation}`` of the job's live members."""
         return {r: m.generation for (j, r), m in self._live.items() if j == job}
 
+    def live_count(self) -> int:
+        """How many members of all jobs are live."""
+        return len(self._live)
+
     # -- detection -------------------------------------------------------------------------------
     def expired(self, now: Instant) -> list[Failure]:
         """Members silent for at least ``timeout``, each returned once, in detection order.

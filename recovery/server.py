@@ -3,11 +3,14 @@
 
 ``build_server(bind, ...) -> (server, port)``: bind ``"127.0.0.1:0"`` for an ephemeral port.
 The constructor only assigns; ``start()`` opens the port and starts the sweeper thread that
-declares silent members failed every heartbeat interval; ``stop(grace)`` is graceful.
+declares silent members failed (at the earliest member deadline, at least every interval); ``stop(grace)`` is graceful.
 
 Security: with ``token`` set, every call except the standard health service must carry
 ``authorization: Bearer <token>`` metadata (checked in constant time) or is rejected with
 UNAUTHENTICATED; with ``tls=(private_key_pem, certificate_chain_pem)`` the port is TLS.
+
+Metrics (``recovery._metrics``) are always recorded; ``metrics_bind="HOST:PORT"`` also serves
+them over HTTP from ``start()`` (``server.metrics_port`` is the real port when ``:0`` was asked).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Callable, Optional, Union
 import grpc
 
 from recovery import wire
+from recovery._metrics import Metrics
 from recovery._proto import coordinator_pb2 as pb
 from recovery._proto import coordinator_pb2_grpc as pb_grpc
 from recovery._proto import health_pb2, health_pb2_grpc
@@ -55,25 +59,33 @@ def _status(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(self, request, context):
+        t0, code = time.perf_counter(), "OK"
         try:
             return fn(self, request, context)
         except Exception as e:  # noqa: BLE001 - mapped to a status, never swallowed
-            for kind, code in _STATUS:
+            for kind, status in _STATUS:
                 if isinstance(e, kind):
-                    context.abort(code, str(e)[:4000])
+                    code = status.name
+                    context.abort(status, str(e)[:4000])
+            code = "INTERNAL"
             log.exception("%s failed", fn.__name__)
             context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {type(e).__name__}")
+        finally:
+            self.metrics.rpc_latency.labels(fn.__name__, code).observe(time.perf_counter() - t0)
 
     return wrapper
 
 
 class _Servicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, core: Coordinator, clock: Callable[[], float], stopping: threading.Event) -> None:
-        self.core, self.clock, self.stopping = core, clock, stopping
+    def __init__(self, core: Coordinator, clock: Callable[[], float], stopping: threading.Event,
+                 metrics: Metrics) -> None:
+        self.core, self.clock, self.stopping, self.metrics = core, clock, stopping, metrics
 
     @_status
     def Register(self, request, context):
-        gen = self.core.register(wire.member_from_pb(request), self.clock())
+        member = wire.member_from_pb(request)
+        gen = self.core.register(member, self.clock())
+        self.metrics.registrations.labels(member.job).inc()
         d = self.core.detector
         return pb.RegisterResponse(generation=gen, heartbeat_interval_ms=int(d.interval * 1000),
                                    heartbeat_timeout_ms=int(d.timeout * 1000))
@@ -84,13 +96,17 @@ class _Servicer(pb_grpc.CoordinatorServicer):
 
     @_status
     def ReportSnapshot(self, request, context):
-        latest = self.core.report_snapshot(wire.snapshot_from_pb(request), self.clock())
+        report = wire.snapshot_from_pb(request)
+        latest = self.core.report_snapshot(report, self.clock())
+        self.metrics.observe_latest(report.job, latest.recoverable, latest.committed)
         return pb.ReportSnapshotResponse(has_recoverable=latest.recoverable is not None,
                                          latest_recoverable_step=latest.recoverable or 0)
 
     @_status
     def ReportCommitted(self, request, context):
-        self.core.report_committed(wire.commit_from_pb(request), self.clock())
+        commit = wire.commit_from_pb(request)
+        self.core.report_committed(commit, self.clock())
+        self.metrics.observe_latest(commit.job, None, self.core.latest(commit.job).committed)
         return pb.ReportCommittedResponse()
 
     @_status
@@ -160,20 +176,39 @@ class CoordinatorServer:
     """A gRPC coordinator and its failure sweeper (``start``/``stop``)."""
 
     def __init__(self, server: grpc.Server, core: Coordinator, store: Optional[SqliteStore],
-                 clock: Callable[[], float], stopping: threading.Event) -> None:
+                 clock: Callable[[], float], stopping: threading.Event, metrics: Metrics,
+                 metrics_bind: Optional[tuple[str, int]] = None) -> None:
         self.grpc, self.core, self._store, self._clock, self._stopping = server, core, store, clock, stopping
+        self.metrics, self._metrics_bind = metrics, metrics_bind
+        #: the HTTP metrics port once started (``None``: not served)
+        self.metrics_port: Optional[int] = None
         self._sweeper: Optional[threading.Thread] = None
 
     def start(self) -> "CoordinatorServer":
+        if self._metrics_bind is not None:
+            self.metrics_port = self.metrics.serve(*self._metrics_bind)
         self.grpc.start()
         self._sweeper = threading.Thread(target=self._sweep, name="ckpt-coordinator-sweeper", daemon=True)
         self._sweeper.start()
         return self
 
     def _sweep(self) -> None:
-        while not self._stopping.wait(self.core.detector.interval):
+        """Sweep at the earliest member deadline, and at least every interval (no drift: a dead
+        member is declared failed right after ``timeout``, well inside ``timeout + interval``)."""
+        interval = self.core.detector.interval
+        while True:
             try:
-                self.core.sweep(self._clock())
+                deadline = self.core.next_deadline()
+                wait = interval if deadline is None else min(interval, max(deadline - self._clock(), 0.001))
+            except Exception:  # noqa: BLE001 - fall back to the fixed period, never stop detecting
+                log.exception("could not compute the next failure deadline")
+                wait = interval
+            if self._stopping.wait(wait):
+                return
+            try:
+                for f in self.core.sweep(self._clock()):
+                    self.metrics.failures.labels(f.job).inc()
+                    self.metrics.detection_latency.observe(f.latency)
             except Exception:  # noqa: BLE001 - a sweep failure must not stop detection
                 log.exception("failure sweep failed")
 
@@ -185,6 +220,7 @@ class CoordinatorServer:
             self._sweeper.join(timeout=5)
         if self._store is not None:
             self._store.close()
+        self.metrics.close()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         return self.grpc.wait_for_termination(timeout)
@@ -193,7 +229,8 @@ class CoordinatorServer:
 def build_server(bind: str, *, state_dir: Union[str, Path, None] = None, token: Optional[str] = None,
                  tls: Optional[tuple[bytes, bytes]] = None, interval: Duration = DEFAULT_INTERVAL,
                  timeout: Duration = DEFAULT_TIMEOUT, max_workers: int = 16,
-                 clock: Callable[[], float] = time.monotonic) -> tuple[CoordinatorServer, int]:
+                 clock: Callable[[], float] = time.monotonic,
+                 metrics_bind: Optional[str] = None) -> tuple[CoordinatorServer, int]:
     """Build (not start) a coordinator listening on ``bind`` (``host:0`` picks a free port).
 
     Args:
@@ -201,6 +238,8 @@ def build_server(bind: str, *, state_dir: Union[str, Path, None] = None, token: 
         token: shared secret every non-health call must present.
         tls: ``(private_key_pem, certificate_chain_pem)`` to serve TLS.
         interval, timeout: heartbeat interval and failure timeout.
+        metrics_bind: ``"HOST:PORT"`` to serve Prometheus metrics on from ``start()`` (PORT 0
+            picks a free one); ``None`` records them without serving.
 
     Returns:
         ``(server, port)``: call ``server.start()``, later ``server.stop()``.
@@ -212,7 +251,8 @@ def build_server(bind: str, *, state_dir: Union[str, Path, None] = None, token: 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ckpt-coordinator"),
                          interceptors=interceptors,
                          options=[("grpc.max_receive_message_length", 64 << 20)])
-    pb_grpc.add_CoordinatorServicer_to_server(_Servicer(core, clock, stopping), server)
+    metrics = Metrics(core.detector.live_count)
+    pb_grpc.add_CoordinatorServicer_to_server(_Servicer(core, clock, stopping, metrics), server)
     health_pb2_grpc.add_HealthServicer_to_server(_Health(stopping), server)
     if tls is not None:
         port = server.add_secure_port(bind, grpc.ssl_server_credentials([tls]))
@@ -220,4 +260,8 @@ def build_server(bind: str, *, state_dir: Union[str, Path, None] = None, token: 
         port = server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"could not bind the coordinator to {bind!r}")
-    return CoordinatorServer(server, core, store, clock, stopping), port
+    mbind = None
+    if metrics_bind is not None:
+        host, _, mport = metrics_bind.rpartition(":")
+        mbind = (host.strip("[]") or "127.0.0.1", int(mport))
+    return CoordinatorServer(server, core, store, clock, stopping, metrics, mbind), port

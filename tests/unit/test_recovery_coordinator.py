@@ -8,7 +8,7 @@ from ckpt.layout import Layout
 from ckpt.regions import Box
 from recovery.coordinator import Coordinator, UnknownJob
 from recovery.detector import FailureDetector
-from recovery.model import FencedError, HeldRegion, InvalidRequest, Member, RestorePlanRequest, SnapshotReport, SourceKind
+from recovery.model import FencedError, Heartbeat, HeldRegion, InvalidRequest, Member, RestorePlanRequest, SnapshotReport, SourceKind
 from recovery.registry import Registry
 
 LAYOUT = Layout.grid(dp=2, tp=2)
@@ -53,3 +53,37 @@ def _hb(rank: int, gen: int):
     from recovery.model import Heartbeat
 
     return Heartbeat("j", rank, gen)
+
+
+class _CountingStore:
+    """A RegistryStore that records epoch writes (each one is an fsync in SQLite)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[tuple[str, int]] = []
+
+    def load(self):
+        return [], [], {}
+
+    def put_report(self, report) -> None: ...
+
+    def put_commit(self, job, commit) -> None: ...
+
+    def forget_steps(self, job, steps) -> None: ...
+
+    def put_epoch(self, job: str, generation: int) -> None:
+        self.epochs.append((job, generation))
+
+
+def test_a_sweep_persists_each_jobs_epoch_once_however_many_fail() -> None:
+    store = _CountingStore()
+    core = Coordinator(Registry(store), FailureDetector(1.0, 3.0), wall_clock=lambda: 0.0)
+    lay = Layout.grid(dp=100)
+    for r in range(100):
+        core.register(Member("big", r, "n", "h:1", lay.with_rank(r)), 0.0)
+    core.register(Member("small", 0, "n", "h:1", LAYOUT.with_rank(0)), 0.0)
+    store.epochs.clear()
+    failed = core.sweep(10.0)
+    assert len(failed) == 101
+    assert store.epochs == [("big", 200), ("small", 2)]  # the final epochs, one write each
+    with pytest.raises(FencedError):
+        core.heartbeat(Heartbeat("big", 5, 6), 10.5)
