@@ -328,7 +328,7 @@ def test_sweep_scales_on_many_flat_ranges() -> None:
         assert _reshard._find_overlap(bad) is not None
         elapsed = time.perf_counter() - t0
         print(f"tiling check of {len(boxes)} boxes of {shape}: {elapsed * 1e3:.0f} ms")
-        assert elapsed < 5
+        assert elapsed < 30  # generous: a hang, not a speed, is what this catches
 
 
 # --------------------------------------------------------------------------------------------
