@@ -614,7 +614,7 @@ def test_planners_at_4096_ranks() -> None:
     assert len(writers) > tp * pp, "replicated regions spread over the DP replicas"
     loads = plan.bytes_per_rank()
     assert max(loads) <= 2 * max(w.region.numel * 4 for w in writes)  # nobody gets everything
-    assert t_save < 5
+    assert t_save < 30  # generous hang guard; the real time is printed
 
     zplans = {}
     for bucket in (False, True):
@@ -625,7 +625,7 @@ def test_planners_at_4096_ranks() -> None:
         print(f"plan_save, 4096 ranks ZeRO {'bucketed' if bucket else 'per-tensor'}, {zpieces} pieces, {len(unique)} distinct: {t_zero * 1e3:.0f} ms")
         written = [(w.name, w.region) for ws in zplan.writes for w in ws]
         assert len(written) == len(unique) and set(written) == unique
-        assert t_zero < 5
+        assert t_zero < 30
         zplans[bucket] = (zplan, zmaps)
 
     # Load the TP8 checkpoint into TP4 x PP8 x DP128 (one rank per distinct (pp, tp) plan).
@@ -639,7 +639,7 @@ def test_planners_at_4096_ranks() -> None:
         assert load.bytes_read <= 1.1 * load.bytes_needed
         worst, total = max(worst, t), total + t
     print(f"plan_load TP8->TP4 from {nchunks} chunks: worst rank {worst * 1e3:.1f} ms, 32 distinct ranks {total * 1e3:.0f} ms")
-    assert worst < 5
+    assert worst < 30
 
     # Load the ZeRO checkpoints (many staircase chunks) into a TP4 rank and a ZeRO rank.
     for bucket, (zplan, zmaps) in zplans.items():
@@ -653,4 +653,4 @@ def test_planners_at_4096_ranks() -> None:
         _check_covered_once(zload, ztarget)
         print(f"plan_load from ZeRO {'bucketed' if bucket else 'per-tensor'} checkpoint ({znchunks} chunks): "
               f"TP4 rank {t_tp * 1e3:.1f} ms, ZeRO (TP4 DP128) rank {t_z * 1e3:.1f} ms")
-        assert t_tp < 5 and t_z < 5
+        assert t_tp < 30 and t_z < 30
