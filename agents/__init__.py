@@ -1,8 +1,10 @@
-"""agents: the per-rank agent process (shared-memory snapshots, parity, flushing).
+"""agents: the per-rank agent process (shared-memory snapshot slots, persisting to storage).
 
-May import ``ckpt`` and ``recovery``; nothing imports it. The agent arrives with its own issue;
-this package exists now so the import direction ``ckpt <- recovery <- agents`` is enforced from
-the first commit (``tests/unit/test_import_direction.py``).
+May import ``ckpt`` and ``recovery``; nothing imports it. Run as ``python -m agents --run-dir DIR
+--rank R [--grace-s N] [--persist-url URL --persist-every M]`` (the hook ``ckpt.hook`` starts it
+by module name). Parity with peer agents and coordinator registration are not built yet.
 """
 
-__all__: list[str] = []
+from agents._agent import Agent, AgentConfig
+
+__all__ = ["Agent", "AgentConfig"]

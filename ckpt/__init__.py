@@ -45,6 +45,7 @@ _LAZY = {
     "retain": "ckpt._api",
     "verify": "ckpt._api",
     "RetentionReport": "ckpt._commit",
+    "CheckpointHook": "ckpt.hook",
     "convert": "ckpt.convert",
     "diff": "ckpt.convert",
 }
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ckpt._load import LoadResult, load
     from ckpt._verify import VerifyReport
     from ckpt.convert import convert, diff
+    from ckpt.hook import CheckpointHook
     from ckpt._save import SaveResult, save
 
 __all__ = [
@@ -67,6 +69,7 @@ __all__ = [
     "open_manifest",
     "convert",
     "diff",
+    "CheckpointHook",
     "SaveResult",
     "LoadResult",
     "VerifyReport",

@@ -1,0 +1,236 @@
+"""Shared-memory slots and the agent process: ownership (attachers never unlink), the slot table,
+restore from a ``SharedSnapshot``, an agent started by hand (channel, SIGTERM, grace period), and
+the hook restarting a dead agent. Every test checks that no segment and no agent is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckpt.snapshot._shm import pid_alive
+from ckpt.snapshot import SnapshotEngine, restore_from_snapshot
+from ckpt.snapshot._shm import (
+    SharedMemoryBuffers,
+    SharedSnapshot,
+    attach_segment,
+    create_segment,
+    job_id,
+    read_table,
+    snapshot_entry,
+    write_table,
+)
+
+DEADLINE = 60.0
+
+
+def _shm(run_dir: Path) -> list[str]:
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"ckpt-{job_id(run_dir)}-"))
+
+
+def _wait(cond: Any, timeout: float = DEADLINE) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _stop(pid: int) -> None:
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        if not _wait(lambda: not pid_alive(pid), 20):
+            os.kill(pid, signal.SIGKILL)
+            _wait(lambda: not pid_alive(pid), 10)
+
+
+def test_attached_segment_survives_the_attacher_exiting(tmp_path: Path) -> None:
+    name = f"ckpt-{job_id(tmp_path)}-r0-s0-g1"
+    seg = create_segment(name, 10_000)
+    try:
+        seg.buf[:4] = b"abcd"
+        code = (
+            "import sys; from ckpt.snapshot._shm import attach_segment; "
+            f"s = attach_segment({name!r}); assert bytes(s.buf[:4]) == b'abcd'; s.close()"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=DEADLINE, stderr=subprocess.PIPE)
+        time.sleep(0.2)  # a resource tracker would have unlinked it by now
+        assert os.path.exists(f"/dev/shm/{name}")
+        again = attach_segment(name)
+        assert bytes(again.buf[:4]) == b"abcd"
+        again.close()
+    finally:
+        seg.close()
+        seg.unlink()
+    assert _shm(tmp_path) == []
+
+
+def _model() -> dict[str, Any]:
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 2))
+    o = torch.optim.Adam(m.parameters(), lr=0.1)
+    m(torch.randn(4, 8)).sum().backward()
+    o.step()
+    return {"model": m, "optim": o, "step": 3, "data": {"pos": 12}}
+
+
+def test_engine_snapshot_in_shared_memory_restores_through_the_slot_table(tmp_path: Path) -> None:
+    owned: dict[int, Any] = {}
+
+    def alloc(slot: int, nbytes: int) -> str:  # the owner's side, in this test process
+        if slot in owned:
+            owned.pop(slot).unlink()
+        owned[slot] = create_segment(f"ckpt-{job_id(tmp_path)}-r0-s{slot}-g{len(owned)}", nbytes)
+        return owned[slot].name
+
+    state = _model()
+    try:
+        bufs = SharedMemoryBuffers(alloc, {0: 1, 1: 2})
+        with SnapshotEngine(state, buffers=bufs) as engine:
+            engine.snapshot(3)
+            engine.wait()
+            with engine.latest_complete() as snap:
+                entry = snapshot_entry(snap, bufs)
+            write_table(tmp_path, entry)
+        assert entry["slot"] in (1, 2) and entry["segment"] == owned[entry["slot"]].name
+        got = read_table(tmp_path)
+        assert got == json.loads(json.dumps(entry))
+        fresh = _model()
+        with torch.no_grad():
+            for p in fresh["model"].parameters():
+                p.zero_()
+        fresh["step"], fresh["data"] = 0, {"pos": 0}
+        with SharedSnapshot(got) as shared:
+            assert shared.verify() == []
+            restore_from_snapshot(fresh, shared)
+        for a, b in zip(state["model"].parameters(), fresh["model"].parameters()):
+            assert torch.equal(a, b)
+        assert fresh["optim"].state_dict()["state"][0]["exp_avg"].equal(state["optim"].state_dict()["state"][0]["exp_avg"])
+        # a corrupted byte is caught
+        owned[entry["slot"]].buf[entry["tensors"][0]["offset"]] ^= 0xFF
+        with SharedSnapshot(got) as shared:
+            assert shared.verify() == [entry["tensors"][0]["name"]]
+    finally:
+        for seg in owned.values():
+            seg.close()
+            seg.unlink()
+    assert _shm(tmp_path) == []
+    assert read_table(tmp_path / "nowhere") is None
+    (tmp_path / "slots.json").write_text("{not json")
+    assert read_table(tmp_path) is None
+
+
+def _request(sock: Path, req: dict[str, Any]) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        s.sendall(json.dumps(req).encode() + b"\n")
+        return json.loads(s.makefile("rb").readline())
+
+
+def _start_agent(run_dir: Path, grace_s: float) -> subprocess.Popen:
+    p = subprocess.Popen(
+        [sys.executable, "-m", "agents", "--run-dir", str(run_dir), "--rank", "0", "--grace-s", str(grace_s)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(run_dir / "agent.log", "ab"),
+        start_new_session=True,
+    )
+    assert _wait(lambda: (run_dir / "agent-r0.pid").exists() or p.poll() is not None), "agent did not start"
+    assert p.poll() is None, (run_dir / "agent.log").read_text()
+    return p
+
+
+def test_agent_by_hand_serves_slots_and_cleans_up_on_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "trainer-r0.pid").write_text(str(os.getpid()))  # this test is the trainer
+    p = _start_agent(tmp_path, grace_s=60)
+    try:
+        sock = tmp_path / "agent-r0.sock"
+        assert _request(sock, {"op": "ping"})["pid"] == p.pid
+        name = _request(sock, {"op": "alloc", "slot": 0, "nbytes": 100_000})["name"]
+        assert _request(sock, {"op": "alloc", "slot": 0, "nbytes": 50})["name"] == name  # reused
+        bigger = _request(sock, {"op": "alloc", "slot": 0, "nbytes": 1 << 20})["name"]
+        assert bigger != name and _shm(tmp_path) == [bigger]  # the old one unlinked by its owner
+        assert _request(sock, {"op": "alloc", "slot": -1, "nbytes": 1})["ok"] is False
+        assert _request(sock, {"op": "nope"})["ok"] is False
+        os.kill(p.pid, signal.SIGTERM)
+        assert p.wait(DEADLINE) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert _shm(tmp_path) == []
+    assert not (tmp_path / "agent-r0.sock").exists() and not (tmp_path / "agent-r0.pid").exists()
+
+
+def test_agent_exits_after_grace_when_trainer_is_gone(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "trainer-r0.pid").write_text(str(dead.pid))
+    p = _start_agent(tmp_path, grace_s=1.0)
+    try:
+        _request(tmp_path / "agent-r0.sock", {"op": "alloc", "slot": 1, "nbytes": 4096})
+        assert len(_shm(tmp_path)) == 1
+        t0 = time.monotonic()
+        assert p.wait(DEADLINE) == 0
+        assert time.monotonic() - t0 >= 0.5
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert _shm(tmp_path) == []
+
+
+def test_hook_restarts_a_dead_agent(tmp_path: Path) -> None:
+    from ckpt.hook import CheckpointHook
+
+    state = _model()
+    hook = CheckpointHook(state=state, storage=str(tmp_path / "store"), run_dir=str(tmp_path / "run"), persist_every=0, grace_s=60)
+    pids: set[int] = set()
+    try:
+        with hook:
+            assert hook.restore() == 0
+            hook.step(0)
+            hook.wait()
+            first = hook.agent_pid()
+            assert first is not None
+            pids.add(first)
+            os.kill(first, signal.SIGKILL)
+            assert _wait(lambda: not pid_alive(first))
+            hook.step(1)
+            hook.wait()
+            hook.step(2)  # publishes step 1, in the new agent's slots
+            hook.wait()
+            second = hook.agent_pid()
+            assert second is not None and second != first
+            pids.add(second)
+            assert hook.stats["agent_restarts"] == 1
+            entry = read_table(tmp_path / "run")
+            assert entry is not None and entry["step"] == 2
+            assert entry["segment"] in _shm(tmp_path / "run")
+            # the dead agent's segments were unlinked by its resource tracker: only the new
+            # agent's slots are left
+            assert len(_shm(tmp_path / "run")) <= 3
+        fresh = _model()
+        fresh["step"] = -1
+        hook2 = CheckpointHook(state=fresh, storage=str(tmp_path / "empty"), run_dir=str(tmp_path / "run"), persist_every=0)
+        with hook2:
+            assert hook2.restore() == 3
+            assert hook2.stats["restored_from"] == "memory"
+        assert fresh["step"] == 3
+    finally:
+        for pid in pids:
+            _stop(pid)
+        if hook._agent is not None and hook._agent.poll() is None:
+            _stop(hook._agent.pid)
+        if hook._agent is not None:
+            hook._agent.wait(DEADLINE)
+    assert _wait(lambda: _shm(tmp_path / "run") == [], 10), _shm(tmp_path / "run")
