@@ -179,6 +179,10 @@ class SnapshotEngine:
         policy: back-pressure and failure policy.
         copy_fn: copies one tensor's bytes (``numpy.copyto`` by default; tests slow it down).
         slots: number of slots (2: double buffering).
+        on_complete: called on the copier thread with each snapshot as soon as it is
+            complete, pinned; the callee owns that pin and must ``release()`` it (it may keep
+            it, e.g. to publish it; the slot is not reused while pinned). Exceptions from it
+            are logged, never raised into training.
 
     ``start()`` starts the copier thread; ``close()`` is mandatory (or use ``with``).
     """
@@ -191,6 +195,7 @@ class SnapshotEngine:
         policy: Optional[SnapshotPolicy] = None,
         copy_fn: Optional[CopyFn] = None,
         slots: int = 2,
+        on_complete: Optional[Callable[[Snapshot], None]] = None,
     ) -> None:
         if slots < 2:
             raise ValueError(f"slots must be >= 2 (one complete, one being filled), not {slots}")
@@ -210,6 +215,7 @@ class SnapshotEngine:
         self._closed = False
         self._hooks: list[Any] = []
         self._side_stream: Any = None
+        self._on_complete = on_complete
         #: counters: taken, skipped, completed, failed, blocked_s (guards and wait_for),
         #: snapshot_s (time spent inside snapshot()), wait_s (inside wait()), and on the copier:
         #: copy_s, copied_bytes (host-to-host copies), checksum_s
@@ -467,7 +473,17 @@ class SnapshotEngine:
                     self._failures = 0
                     self.stats["completed"] += 1
                     self._inflight.remove(job)
+                    pinned = None
+                    if self._on_complete is not None:
+                        job.slot.pins += 1
+                        pinned = Snapshot(job, self.policy.checksum, lambda slot=job.slot: self._unpin(slot))
                     self._cond.notify_all()
+                if pinned is not None:
+                    try:
+                        self._on_complete(pinned)  # type: ignore[misc]
+                    except Exception:
+                        log.exception("on_complete callback failed for the snapshot of step %d", job.step)
+                        pinned.release()
             finally:
                 job.finished.set()
 

@@ -279,6 +279,45 @@ def test_latest_complete_is_none_until_a_snapshot_completes_and_keeps_the_previo
             assert snap.step == 1 and float(snap.tensor("t")[0]) == 1.0
 
 
+def test_on_complete_gets_each_snapshot_pinned_as_soon_as_it_is_complete() -> None:
+    t = torch.zeros(1024)
+    got: list[Any] = []
+    seen = threading.Event()
+
+    def on_complete(snap: Any) -> None:
+        got.append((snap.step, float(snap.tensor("t")[0]), snap.verify()))
+        got.append(snap)  # kept pinned: its slot must not be reused
+        seen.set()
+
+    with SnapshotEngine({"t": t}, on_complete=on_complete) as engine:
+        engine.snapshot(0)
+        assert seen.wait(DEADLINE)  # no wait(), no further snapshot() needed
+        assert got[0] == (0, 0.0, [])
+        t.fill_(1)
+        assert engine.snapshot(1)
+        engine.wait(timeout=DEADLINE)
+        t.fill_(2)
+        # slot of step 0 pinned by the callee, step 1 is the latest: no free slot
+        assert not engine.snapshot(2)
+        got[1].release()
+        assert engine.snapshot(2)
+        engine.wait(timeout=DEADLINE)
+        assert [g[0] for g in got[::2]] == [0, 1, 2] and got[4][1] == 2.0
+        for snap in got[1::2]:
+            snap.release()
+
+
+def test_on_complete_failure_is_logged_and_releases_the_pin(caplog: pytest.LogCaptureFixture) -> None:
+    def boom(snap: Any) -> None:
+        raise RuntimeError("callback broke")
+
+    with SnapshotEngine({"t": torch.zeros(8)}, on_complete=boom) as engine:
+        for step in range(4):  # pins released: slots keep being reused, nothing skipped
+            assert engine.snapshot(step)
+            engine.wait(timeout=DEADLINE)
+    assert "callback broke" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------
 # back-pressure, memory
 # ------------------------------------------------------------------------------------------
