@@ -29,6 +29,7 @@ from ckpt.snapshot._buffers import SnapshotBuffers, prefault
 
 __all__ = [
     "SharedMemoryBuffers",
+    "SharedMemoryFullError",
     "SharedSnapshot",
     "create_segment",
     "attach_segment",
@@ -82,11 +83,41 @@ def segment_prefix(run_dir: str | os.PathLike, rank: int) -> str:
     return f"ckpt-{job_id(run_dir)}-r{rank}-"
 
 
+class SharedMemoryFullError(OSError):
+    """The shared-memory filesystem (``/dev/shm``) has no room for a snapshot slot."""
+
+
 def create_segment(name: str, nbytes: int) -> shared_memory.SharedMemory:
-    """Create segment ``name`` of ``nbytes`` (page-rounded), pre-faulted. The creator owns it and
-    must ``unlink()`` it exactly once (the resource tracker unlinks it if the creator dies)."""
+    """Create segment ``name`` of ``nbytes`` (page-rounded), its memory reserved and pre-faulted.
+    The creator owns it and must ``unlink()`` it exactly once (the resource tracker unlinks it if
+    the creator dies).
+
+    The pages are reserved with ``posix_fallocate`` before anything touches them: on a full
+    ``/dev/shm`` a plain ``ftruncate`` succeeds and the first write then kills the process with
+    SIGBUS; reserved, it fails here with ``SharedMemoryFullError`` instead.
+
+    Raises:
+        SharedMemoryFullError: not enough room in ``/dev/shm`` (nothing is left behind).
+    """
     size = max(1, (nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE)
     seg = shared_memory.SharedMemory(name=name, create=True, size=size)
+    try:
+        fd = getattr(seg, "_fd", -1)
+        if fd >= 0 and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        _close_quietly(seg)
+        seg.unlink()
+        try:
+            st = os.statvfs("/dev/shm")
+            free = f"{st.f_bavail * st.f_frsize / 2**30:.2f} GiB free of {st.f_blocks * st.f_frsize / 2**30:.2f} GiB"
+        except OSError:
+            free = "free space unknown"
+        raise SharedMemoryFullError(
+            e.errno,
+            f"cannot reserve {size / 2**30:.2f} GiB of shared memory for snapshot slot {name} ({free} in /dev/shm): "
+            "free /dev/shm (stale ckpt-* segments of dead agents?), enlarge it, or snapshot less state",
+        ) from e
     prefault(np.ndarray((seg.size,), dtype=np.uint8, buffer=seg.buf))
     return seg
 

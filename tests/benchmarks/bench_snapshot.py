@@ -91,6 +91,45 @@ def copy_bandwidths(model: torch.nn.Module, opt: torch.optim.Optimizer, nbytes: 
     return median(ours), median(plain), copied
 
 
+class _BareCopier:
+    """A thread copying ``nbytes`` between two reused, pre-faulted buffers on each ``kick()``
+    (waiting for the previous copy first: one copy in flight, like a double-buffered snapshot)."""
+
+    def __init__(self, nbytes: int) -> None:
+        import threading
+
+        self.a, self.b = np.empty(nbytes, dtype=np.uint8), np.empty(nbytes, dtype=np.uint8)
+        prefault(self.a)
+        prefault(self.b)
+        self._go, self._done, self._stop = threading.Semaphore(0), threading.Event(), False
+        self._done.set()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._go.acquire()
+            if self._stop:
+                return
+            for lo in range(0, self.a.size, 1 << 20):  # the engine's block size
+                np.copyto(self.b[lo : lo + (1 << 20)], self.a[lo : lo + (1 << 20)])
+            self._done.set()
+
+    def kick(self) -> None:
+        self._done.wait()
+        self._done.clear()
+        self._go.release()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+    def close(self) -> None:
+        self.wait()
+        self._stop = True
+        self._go.release()
+        self._thread.join()
+
+
 def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: int, warmup: int, tmp: Path) -> dict[str, Any]:
     state = {"model": model, "optim": opt, "step": 0}
     blocked: list[float] = []
@@ -103,6 +142,25 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
 
         def save(step: int) -> None:
             pass
+
+    elif mode == "bare_copy":
+        # the floor of any snapshot's cost: the same bytes copied by a background thread
+        # between two reused, pre-faulted buffers, with no checksum, no guard, no bookkeeping
+        bare = _BareCopier(state_bytes(model, opt))
+
+        def save(step: int) -> None:
+            bare.kick()
+
+    elif mode == "hook":
+        from ckpt.hook import CheckpointHook
+
+        hook = CheckpointHook(
+            state, storage=str(tmp / "hook-storage"), run_dir=str(tmp.parent / (tmp.name + "-run")), persist_every=0, grace_s=5.0, policy=SnapshotPolicy(backpressure="wait")
+        ).start()
+
+        def save(step: int) -> None:
+            state["step"] = step
+            hook.step(step)
 
     elif mode == "snapshot":
         engine = SnapshotEngine(state, policy=SnapshotPolicy(backpressure="wait")).start()
@@ -139,6 +197,11 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
         for i in range(warmup):
             train_step(model, opt, x)
             save(i)
+        if mode == "hook":
+            hook.wait()
+            engine = hook._engine
+        if mode == "bare_copy":
+            bare.wait()
         if engine is not None:
             engine.wait()
             base = dict(engine.stats)
@@ -148,8 +211,10 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
             train_step(model, opt, x)
             t0 = time.perf_counter()
             save(i)
-            if mode in ("none", "snapshot"):
+            if mode in ("none", "snapshot", "hook", "bare_copy"):
                 blocked.append(time.perf_counter() - t0)
+        if mode == "bare_copy":
+            bare.wait()  # its last copy counts in the wall time
         wall = time.perf_counter() - t_start
         if pending is not None:
             pending.result()
@@ -170,9 +235,69 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
                 "memory_bytes": engine.memory_bytes,
             }
     finally:
-        if engine is not None:
+        if mode == "hook":
+            hook.close()
+        elif engine is not None:
             engine.close()
+        if mode == "bare_copy":
+            bare.close()
     return {"mode": mode, "steps": steps, "wall_s": wall, "steps_per_s": steps / wall, "blocked_per_step_s": median(blocked) if blocked else 0.0, **extra}
+
+
+def calibrate(model: torch.nn.Module, opt: torch.optim.Optimizer, step_over_copy: float, copy_s: float) -> int:
+    """The batch size whose training step takes about ``step_over_copy`` x ``copy_s``."""
+    batch = 16
+    for _ in range(8):
+        x = torch.randn(batch, WIDTH)
+        train_step(model, opt, x)
+        step_s = median([timed(lambda: train_step(model, opt, x), collect=False)[0] for _ in range(3)])
+        want = step_over_copy * copy_s
+        if abs(step_s - want) / want < 0.2:
+            break
+        batch = max(1, int(batch * want / step_s))
+    return batch
+
+
+def measure(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: int, modes: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every mode ``args.rounds`` times, interleaved; per mode the run with the median
+    throughput (with its own figures) and every run's throughput."""
+    x = torch.randn(batch, WIDTH)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
+    run_dir = tmp.parent / (tmp.name + "-run")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for _ in range(args.rounds):
+            for mode in modes:
+                r = run_mode(mode, model, opt, x, args.steps, args.warmup, tmp)
+                runs.setdefault(mode, []).append(r)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                os.sync()  # the writeback of one mode's files must not slow the next mode
+                sys.stderr.write(f"batch {batch} {mode}: {r['steps_per_s']:.3f} steps/s, blocked {r['blocked_per_step_s'] * 1e3:.1f} ms/step\n")
+    finally:
+        _stop_agent(run_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    results = {}
+    for mode, rs in runs.items():
+        rs = sorted(rs, key=lambda r: r["steps_per_s"])
+        results[mode] = dict(rs[(len(rs) - 1) // 2], all_steps_per_s=[r["steps_per_s"] for r in rs])
+    return results
+
+
+def _stop_agent(run_dir: Path) -> None:
+    """SIGTERM the hook's agent (it unlinks its shared memory) and wait for it."""
+    import signal
+
+    from ckpt.snapshot._shm import pid_alive, read_pid
+
+    pid = read_pid(run_dir / "agent-r0.pid")
+    if pid is None or not pid_alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def main() -> None:
@@ -181,7 +306,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="measured steps per mode")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--step-over-copy", type=float, default=4.0, help="target step time / plain copy time")
-    parser.add_argument("--modes", default="none,snapshot,dcp_async,torch_save")
+    parser.add_argument("--modes", default="none,bare_copy,snapshot,hook,dcp_async,torch_save")
+    parser.add_argument("--sweep", default="", help="also run none,bare_copy,snapshot,hook at these step/copy ratios, e.g. 2,4,8,16")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all modes (median per mode)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args()
@@ -193,36 +319,8 @@ def main() -> None:
     train_step(model, opt, x1)  # creates the Adam state
     nbytes = state_bytes(model, opt)
     _, copy_s, _ = copy_bandwidths(model, opt, nbytes, runs=3)
-
-    # calibrate the batch so that a step takes ~step_over_copy x the plain copy
-    batch = 16
-    for _ in range(8):
-        x = torch.randn(batch, WIDTH)
-        train_step(model, opt, x)
-        step_s = median([timed(lambda: train_step(model, opt, x), collect=False)[0] for _ in range(3)])
-        want = args.step_over_copy * copy_s
-        if abs(step_s - want) / want < 0.2:
-            break
-        batch = max(1, int(batch * want / step_s))
-    x = torch.randn(batch, WIDTH)
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-snapshot-"))
-    runs: dict[str, list[dict[str, Any]]] = {}
-    try:
-        for _ in range(args.rounds):
-            for mode in args.modes.split(","):
-                r = run_mode(mode, model, opt, x, args.steps, args.warmup, tmp)
-                runs.setdefault(mode, []).append(r)
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                os.sync()  # the writeback of one mode's files must not slow the next mode
-                sys.stderr.write(f"{mode}: {r['steps_per_s']:.3f} steps/s, blocked {r['blocked_per_step_s'] * 1e3:.1f} ms/step\n")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    results = {}
-    for mode, rs in runs.items():  # the run with the median throughput (and its own figures)
-        rs = sorted(rs, key=lambda r: r["steps_per_s"])
-        results[mode] = dict(rs[(len(rs) - 1) // 2], all_steps_per_s=[r["steps_per_s"] for r in rs])
+    batch = calibrate(model, opt, args.step_over_copy, copy_s)
+    results = measure(model, opt, batch, args.modes.split(","), args)
     idle_s, copy_s, idle_bytes = copy_bandwidths(model, opt, nbytes)
 
     none = results.get("none", {}).get("steps_per_s")
@@ -232,6 +330,12 @@ def main() -> None:
         rows.append([mode, f"{r['steps_per_s']:.3f}", f"{ratio:.3f}", f"{r['blocked_per_step_s'] * 1e3:.1f}"])
     snap = results.get("snapshot")
     summary: dict[str, Any] = {"state_bytes": nbytes, "batch": batch, "plain_copy_s": copy_s, "plain_copy_gbps": gbps(nbytes, copy_s)}
+    if none:
+        summary["step_s"] = 1 / none
+        summary["step_over_copy"] = (1 / none) / copy_s
+    for mode in ("bare_copy", "snapshot", "hook"):
+        if mode in results and none:
+            summary[f"{mode}_throughput_ratio"] = results[mode]["steps_per_s"] / none
     if snap:
         ours_bw = gbps(idle_bytes, idle_s)
         summary.update(
@@ -243,20 +347,41 @@ def main() -> None:
         )
         if "dcp_async" in results:
             summary["blocked_ratio_vs_dcp"] = snap["blocked_per_step_s"] / results["dcp_async"]["blocked_per_step_s"]
+            if "hook" in results:
+                summary["hook_blocked_ratio_vs_dcp"] = results["hook"]["blocked_per_step_s"] / results["dcp_async"]["blocked_per_step_s"]
     print(f"state {nbytes / 2**30:.2f} GiB, batch {batch}, plain copy {copy_s * 1e3:.0f} ms ({summary['plain_copy_gbps']:.2f} GB/s)\n")
     print(markdown_table(["mode", "steps/s", "vs none", "blocked ms/step"], rows, right=[False, True, True, True]))
     print()
     targets = []
-    if "throughput_ratio" in summary and summary["throughput_ratio"] is not None:
-        targets.append(["throughput ratio (>= 0.90)", f"{summary['throughput_ratio']:.3f}"])
+    for mode in ("snapshot", "hook", "bare_copy"):
+        if f"{mode}_throughput_ratio" in summary:
+            targets.append([f"throughput ratio, {mode} (>= 0.90)" if mode != "bare_copy" else "throughput ratio, bare background copy (the floor)", f"{summary[f'{mode}_throughput_ratio']:.3f}"])
     if "blocked_ratio_vs_dcp" in summary:
         targets.append(["blocked vs DCP async_save (<= 0.10)", f"{summary['blocked_ratio_vs_dcp']:.3f}"])
+    if "hook_blocked_ratio_vs_dcp" in summary:
+        targets.append(["blocked vs DCP async_save, hook (<= 0.10)", f"{summary['hook_blocked_ratio_vs_dcp']:.3f}"])
     if "copy_bw_ratio" in summary:
         targets.append(["copy bandwidth vs plain copy (>= 0.70)", f"{summary['copy_bw_ratio']:.3f} ({summary['copy_gbps']:.2f} vs {summary['plain_copy_gbps']:.2f} GB/s)"])
         targets.append(["copy bandwidth while training runs, GB/s", f"{summary['copy_gbps_during_training']:.2f}"])
         targets.append(["checksum (crc32c) bandwidth, GB/s", f"{summary['checksum_gbps']:.2f}"])
     print(markdown_table(["target", "measured"], targets, right=[False, True]))
-    record = {"benchmark": "snapshot", "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "results": results}
+
+    sweep: list[dict[str, Any]] = []
+    if args.sweep:
+        curve_modes = [m for m in ("none", "bare_copy", "snapshot", "hook") if m in args.modes.split(",") or m == "none"]
+        for want in (float(v) for v in args.sweep.split(",")):
+            b = calibrate(model, opt, want, copy_s)
+            res = measure(model, opt, b, curve_modes, args)
+            base = res["none"]["steps_per_s"]
+            point = {"step_over_copy": (1 / base) / copy_s, "batch": b, "step_s": 1 / base}
+            point.update({f"{m}_ratio": res[m]["steps_per_s"] / base for m in curve_modes if m != "none"})
+            point["runs"] = {m: res[m]["all_steps_per_s"] for m in curve_modes}
+            sweep.append(point)
+        print("\nthroughput vs no checkpointing, by step time / plain copy time:\n")
+        heads = ["step / copy", "step ms"] + [m for m in curve_modes if m != "none"]
+        rows = [[f"{p['step_over_copy']:.1f}", f"{p['step_s'] * 1e3:.0f}"] + [f"{p[m + '_ratio']:.3f}" for m in curve_modes if m != "none"] for p in sweep]
+        print(markdown_table(heads, rows, right=[True] * len(heads)))
+    record = {"benchmark": "snapshot", "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary, "results": results, "sweep": sweep}
     write_json(args.json, record)
     print(f"\nwrote {args.json}")
 
