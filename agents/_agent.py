@@ -5,6 +5,14 @@ JSON lines), keeps them while the trainer dies and restarts, persists every ``pe
 complete snapshot (read from the slot table) with ``ckpt.save`` in a background thread, and exits
 when its trainer has been gone for longer than the grace period, unlinking every segment it made.
 
+Under ``torch.distributed`` the agents of all ranks persist together, as one checkpoint of the
+job, without the trainers: the persist entry carries the job's settings (``"job"``: world size,
+a token naming the trainers' incarnation, layout, rules, rank-local keys, the timeout, and the
+address of a ``TCPStore`` that rank 0's agent hosts, opened at the hook's ``store`` request).
+Each agent runs ``ckpt.save(..., comm=StoreComm(store, rank, world, "ckpt-persist/<token>/<step>"))``;
+an agent that never gets that step makes the others time out (logged, nothing committed), and
+the next persist uses fresh keys. A client reconnects when the store's host (agent 0) restarted.
+
 Files in the run directory (rank R): ``agent-rR.sock`` (the channel), ``agent-rR.pid`` (written
 once the channel listens), ``trainer-rR.pid`` (written by the hook), ``slots.json`` (slot table,
 written by the hook; see ``ckpt.snapshot._shm``).
@@ -21,6 +29,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,6 +80,51 @@ def decode_tree(node: Any, tensors: dict[str, Any]) -> Any:
     return node
 
 
+def _dtensor_rules(rules: Any, dtensors: Any) -> Any:
+    """``rules`` (or identity mappings) for the plain tensors, the recorded placements for the
+    tensors that were DTensors' local shards in the trainer (``{name: DTensorInfo as JSON}``)."""
+    from dataclasses import dataclass
+
+    from ckpt.mapping import TensorMapping
+    from ckpt.rules import Rules, mapping_from_placements
+
+    if not isinstance(dtensors, dict):
+        raise ValueError("persist entry: 'dtensors' must be an object {name: placement info}")
+
+    @dataclass(frozen=True)
+    class _DTensorRules(Rules):
+        placed: tuple = ()
+        inner: Any = None
+
+        def resolve(self, local: Any, layout: Any, *, global_shapes: Any = None) -> dict[str, Any]:
+            placed = dict(self.placed)
+            out = {
+                n: mapping_from_placements(n, s, info["global_shape"], layout, info["mesh_axes"], [tuple(p) for p in info["placements"]])
+                for n, s in local.items()
+                if (info := placed.get(n)) is not None
+            }
+            rest = {n: s for n, s in local.items() if n not in placed}
+            if self.inner is not None:
+                out.update(self.inner.resolve(rest, layout, global_shapes=global_shapes))
+            else:
+                out.update({n: TensorMapping.identity(n, tuple(s)) for n, s in rest.items()})
+            return {n: out[n] for n in local}
+
+        def to_json(self) -> Any:  # recorded in the manifest: the user's rules, if any
+            return None if self.inner is None else self.inner.to_json()
+
+    name = rules.name if rules is not None else "dtensors"
+    return _DTensorRules(name=name, placed=tuple(dtensors.items()), inner=rules)
+
+
+def _warm_up() -> None:
+    try:
+        import ckpt  # noqa: F401  (torch, codecs, the save path)
+        import ckpt.codecs  # noqa: F401
+    except Exception:  # imported again (and failing loudly) when persisting
+        log.exception("warm-up import failed")
+
+
 class Agent:
     """One rank's agent. ``serve()`` runs until the trainer is gone for ``grace_s`` or SIGTERM."""
 
@@ -92,6 +146,13 @@ class Agent:
         self._pending: queue.Queue = queue.Queue(maxsize=2)  # copied snapshots waiting to be saved
         self._persisted = -1
         self._persisting = -1
+        self._token: Optional[str] = None  # the job token of the last snapshot taken to persist
+        self._job_token: Optional[str] = None  # the token of the trainer's current incarnation
+        self._store: Any = None  # rank 0: the TCPStore server the agents persist through
+        self._client: Any = None  # other ranks: a client of it
+        self._client_addr: Optional[tuple[str, int]] = None
+        self._stale_keys: tuple[str, ...] = ()  # own keys of the last save, deleted by the next
+        self._last_comm: Any = None
 
     # ------------------------------------------------------------ slots
     def alloc(self, slot: int, nbytes: int) -> str:
@@ -129,6 +190,12 @@ class Agent:
 
     # ------------------------------------------------------------ channel
     def _handle(self, conn: socket.socket) -> None:
+        try:
+            self._serve_conn(conn)
+        except OSError as e:  # the trainer died mid-request (SIGKILL): nothing to answer
+            log.debug("rank %d: channel closed: %r", self.cfg.rank, e)
+
+    def _serve_conn(self, conn: socket.socket) -> None:
         with conn:
             conn.settimeout(30.0)
             f = conn.makefile("rwb")
@@ -142,6 +209,11 @@ class Agent:
                         resp = {"ok": True, "pid": os.getpid()}
                     elif op == "alloc":
                         resp = {"ok": True, "name": self.alloc(int(req["slot"]), int(req["nbytes"]))}
+                    elif op == "job":  # a trainer (re)started: saves of older incarnations are moot
+                        self._job_token = str(req["token"])
+                        resp = {"ok": True}
+                    elif op == "store":  # rank 0: host the agents' store
+                        resp = {"ok": True, "port": self.open_store(str(req.get("host", "127.0.0.1")), int(req.get("port", 0)))}
                     elif op == "persist":  # persist.json was just written: copy it now
                         self._maybe_persist()
                         resp = {"ok": True, "acked": self._persisting}
@@ -177,8 +249,11 @@ class Agent:
         if self._pending.full():
             return  # the hook keeps the slot pinned until we copied it
         entry = read_table(self.dir, PERSIST_NAME)
-        if entry is None or entry["step"] % cfg.persist_every or entry["step"] <= max(self._persisted, self._persisting):
+        if entry is None or entry["step"] % cfg.persist_every:
             return
+        token = (entry.get("job") or {}).get("token")
+        if token == self._token and entry["step"] <= max(self._persisted, self._persisting):
+            return  # taken already (a new token: restarted trainers, steps start over)
         with self._lock:
             seg = self._segs.get(entry["slot"])
         if seg is None:
@@ -191,21 +266,21 @@ class Agent:
                 bad = snap.verify()
                 if bad:
                     log.warning("rank %d: step %d changed while copied for persisting (%s); skipped", cfg.rank, entry["step"], bad[:3])
-                    self._persisting = entry["step"]
-                    self._ack(entry["step"])
+                    self._persisting, self._token = entry["step"], token
+                    self._ack(entry["step"], token)
                     return
                 tensors = {n: snap.tensor(n) for n in copies}
-            self._ack(entry["step"])
+            self._ack(entry["step"], token)
         except (FileNotFoundError, ValueError) as e:
             log.warning("rank %d: cannot read step %d: %r", cfg.rank, entry["step"], e)
             return
-        self._persisting = entry["step"]
+        self._persisting, self._token = entry["step"], token
         self._pending.put((entry, tensors))
 
-    def _ack(self, step: int) -> None:
+    def _ack(self, step: int, token: Optional[str]) -> None:
         """Tell the hook the bytes of ``step`` are copied (it may reuse that slot now)."""
         tmp = self.ack_path.with_suffix(".tmp")
-        tmp.write_text(str(step))
+        tmp.write_text(f"{step} {token}" if token else str(step))
         os.replace(tmp, self.ack_path)
 
     def _persist_loop(self) -> None:
@@ -218,13 +293,103 @@ class Agent:
     def _persist(self, entry: dict[str, Any], tensors: dict[str, Any]) -> None:
         import ckpt
 
+        step, job = entry["step"], entry.get("job") or {}
         try:
             state = decode_tree(entry["tree"], tensors)
-            ckpt.save(state, self.cfg.persist_url, step=entry["step"])
-            self._persisted = entry["step"]
-            log.info("rank %d: persisted step %d to %s", self.cfg.rank, entry["step"], self.cfg.persist_url)
-        except Exception:
-            log.exception("rank %d: persisting step %d failed", self.cfg.rank, entry["step"])
+            ckpt.save(state, self.cfg.persist_url, step=step, **self._save_args(job, step))
+            self._persisted = step
+            log.info("rank %d: persisted step %d to %s", self.cfg.rank, step, self.cfg.persist_url)
+        except Exception:  # a failed save is logged (and, with a comm, failed on every agent)
+            log.exception("rank %d: persisting step %d failed; nothing committed for it", self.cfg.rank, step)
+        finally:
+            if self._last_comm is not None:
+                self._stale_keys, self._last_comm = self._last_comm.leftover_keys(), None
+
+    def _save_args(self, job: dict[str, Any], step: int) -> dict[str, Any]:
+        """``ckpt.save`` keyword arguments from the persist entry's job settings."""
+        from ckpt._comm import LocalComm, StoreComm
+        from ckpt.layout import Layout, parse_layout
+        from ckpt.rules import Rules
+
+        world = job.get("world_size", 1)
+        if type(world) is not int or world < 1:
+            raise ValueError(f"persist entry: bad world_size {world!r}")
+        if world > 1 and job.get("rank") != self.cfg.rank:
+            raise ValueError(f"persist entry is for rank {job.get('rank')}, this agent serves rank {self.cfg.rank}")
+        args: dict[str, Any] = {}
+        if job.get("layout") is not None:
+            args["layout"] = parse_layout(job["layout"], rank=self.cfg.rank, where="persist entry layout")
+        if job.get("rules") is not None:
+            args["rules"] = Rules.from_json(job["rules"])
+        if job.get("dtensors"):  # the snapshot holds their local shards as plain tensors
+            args["rules"] = _dtensor_rules(args.get("rules"), job["dtensors"])
+            if "layout" not in args and world > 1:
+                args["layout"] = Layout.grid(dp=world, rank=self.cfg.rank)
+        if world == 1:
+            args["comm"] = LocalComm()
+            return args
+        timeout = timedelta(seconds=float(job.get("timeout_s", 300.0)))
+        store = self._store_for(job, timeout)
+        token = job.get("token")
+        store.set(f"ckpt-persist/{token}/started/{self.cfg.rank}", str(step))  # see _abandon
+
+        def abandon(missing: list[int]) -> Optional[str]:
+            return self._abandon(store, token, step, missing)
+
+        comm = StoreComm(store, self.cfg.rank, world, f"ckpt-persist/{token}/{step}", timeout, stale=self._stale_keys, should_abort=abandon)
+        self._stale_keys = ()
+        self._last_comm = comm
+        args.update(comm=comm, rank_local=tuple(str(k) for k in job.get("rank_local", ())))
+        return args
+
+    def _abandon(self, store: Any, token: Any, step: int, missing: list[int]) -> Optional[str]:
+        """Why a save of ``step`` waiting for ``missing`` ranks cannot complete, or None: this
+        rank's trainers restarted (a new job token: the missing ranks' trainers died before
+        handing the step over), or a missing rank has started a later save (it skipped this
+        step, e.g. under back-pressure)."""
+        current = self._job_token or ((read_table(self.dir, PERSIST_NAME) or {}).get("job") or {}).get("token")
+        if current is not None and current != token:
+            return f"the trainers restarted (job token {current}); rank(s) {missing} never handed over step {step}"
+        for r in missing:
+            key = f"ckpt-persist/{token}/started/{r}"
+            if store.check([key]) and int(store.get(key)) > step:
+                return f"rank {r} skipped step {step} (it is saving step {int(store.get(key))})"
+        return None
+
+    # ------------------------------------------------------------ the agents' store
+    def open_store(self, host: str, port: int) -> int:
+        """Rank 0: host the ``TCPStore`` the agents persist through (``port`` 0: any free
+        port; an open store is kept); return its port."""
+        import torch.distributed as dist
+
+        with self._lock:
+            if self._store is None:
+                self._store = dist.TCPStore(host, port, None, True, timeout=timedelta(seconds=60), wait_for_workers=False)
+                log.info("rank %d: agents' store listening on port %d", self.cfg.rank, self._store.port)
+            return int(self._store.port)
+
+    def _store_for(self, job: dict[str, Any], timeout: timedelta) -> Any:
+        """The store of the job's agents: rank 0 hosts it, the others connect (again when the
+        connection broke, e.g. agent 0 restarted)."""
+        import torch.distributed as dist
+
+        addr = job.get("store")
+        if not (isinstance(addr, list) and len(addr) == 2 and isinstance(addr[0], str) and type(addr[1]) is int):
+            raise ValueError("persist entry names no agents' store: rank 0's agent could not open one (see its hook's log)")
+        host, port = addr
+        if self.cfg.rank == 0:
+            self.open_store(host, port)
+            return self._store
+        if self._client is not None and self._client_addr == (host, port):
+            try:
+                self._client.check(["ckpt-persist/ping"])
+                return self._client
+            except Exception:
+                log.warning("rank %d: connection to the agents' store %s:%d broke; reconnecting", self.cfg.rank, host, port)
+        self._client, self._client_addr, self._stale_keys = None, None, ()
+        self._client = dist.TCPStore(host, port, None, False, timeout=min(timeout, timedelta(seconds=60)), wait_for_workers=False)
+        self._client_addr = (host, port)
+        return self._client
 
     # ------------------------------------------------------------ main loop
     def serve(self) -> int:
@@ -241,6 +406,10 @@ class Agent:
         accept.start()
         self._persist_thread = threading.Thread(target=self._persist_loop, name="agent-persist", daemon=True)
         self._persist_thread.start()
+        if self.cfg.persist_url and self.cfg.persist_every > 0:
+            # import what taking a snapshot to persist needs now, not while the trainer's copier
+            # waits for the persist hand-off (seconds on a busy machine)
+            threading.Thread(target=_warm_up, name="agent-warm-up", daemon=True).start()
         tmp = self.pid_path.with_suffix(".tmp")
         tmp.write_text(str(os.getpid()))
         os.replace(tmp, self.pid_path)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import timedelta
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
-__all__ = ["Comm", "LocalComm", "TorchComm", "ThreadGroup", "default_comm"]
+__all__ = ["Comm", "LocalComm", "TorchComm", "ThreadGroup", "StoreComm", "default_comm"]
 
 
 class Comm(Protocol):
@@ -151,6 +152,115 @@ class _ThreadComm:
 
     def broadcast_json(self, obj: Any, src: int = 0) -> Any:
         return self.all_gather_json(obj if self.rank == src else None)[src]
+
+
+class StoreComm:
+    """Collectives over a ``torch.distributed.Store`` (``TCPStore``, ``FileStore``): no process
+    group, so processes that are not a job's ranks (the per-rank agents) can save together.
+
+    Call ``n`` of rank ``r`` sets the key ``<prefix>/<n>/<r>`` and waits for every rank's key of
+    call ``n``; ``broadcast_json`` waits only for the source's key. A rank's own keys of earlier
+    calls are deleted once a later ``all_gather_json`` completes (every rank has then read
+    them); the keys of the calls after the last gather are returned by ``leftover_keys()`` and
+    may be passed as ``stale`` to the next ``StoreComm`` of the same ranks, which deletes them
+    after its first gather. Every call gives up after ``timeout`` with ``TimeoutError`` naming
+    the ranks that never arrived: use a fresh ``prefix`` per use (e.g. per save) so a late rank
+    never reads an abandoned call.
+
+    Args:
+        store: the key-value store all ranks share.
+        rank, world_size: this rank and the number of ranks.
+        prefix: the key prefix of this use (unique per save, e.g. ``<job token>/<step>``).
+        timeout: how long one call waits for the slowest rank.
+        stale: own keys of an earlier ``StoreComm`` to delete after the first gather.
+        should_abort: called with the ranks still missing while a call waits (about twice a
+            second); a returned string abandons the call at once with ``TimeoutError`` saying
+            it (e.g. a missing rank is known to have skipped this save).
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        world_size: int,
+        prefix: str,
+        timeout: timedelta = timedelta(seconds=300),
+        *,
+        stale: tuple[str, ...] = (),
+        should_abort: Optional[Callable[[list[int]], Optional[str]]] = None,
+    ) -> None:
+        if type(world_size) is not int or world_size < 1 or type(rank) is not int or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank!r} of world size {world_size!r} is not valid")
+        self._store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.prefix = prefix.rstrip("/")
+        self.timeout = timeout
+        self._calls = 0
+        self._mine: list[str] = list(stale)
+        self._should_abort = should_abort
+
+    def _key(self, call: int, rank: int) -> str:
+        return f"{self.prefix}/{call}/{rank}"
+
+    def _missing(self, ranks: list[int], keys: list[str]) -> list[int]:
+        return [r for r, k in zip(ranks, keys) if not self._store.check([k])]
+
+    def _wait(self, call: int, ranks: list[int]) -> list[Any]:
+        # polled with check() (store.wait() logs a warning at every timeout), so that the
+        # caller can abandon a call that cannot complete
+        keys = [self._key(call, r) for r in ranks]
+        where = f"rank {self.rank}: collective #{call} under {self.prefix!r}"
+        t0 = time.monotonic()
+        deadline, next_abort_check, pause = t0 + self.timeout.total_seconds(), t0 + 0.5, 0.001
+        try:
+            while not self._store.check(keys):
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TimeoutError(
+                        f"{where}: rank(s) {self._missing(ranks, keys)} did not arrive within "
+                        f"{self.timeout.total_seconds():g} s (they failed, hang, or never got this step)"
+                    )
+                if self._should_abort is not None and now >= next_abort_check:
+                    next_abort_check = now + 0.5
+                    reason = self._should_abort(self._missing(ranks, keys))
+                    if reason:
+                        raise TimeoutError(f"{where}: abandoned: {reason}")
+                time.sleep(pause)
+                pause = min(0.05, pause * 2)
+            return [json.loads(self._store.get(k).decode("utf-8")) for k in keys]
+        except TimeoutError:
+            raise
+        except Exception as e:  # DistNetworkError and friends: the store's host is gone
+            raise TimeoutError(f"{where}: the store failed ({type(e).__name__}: {e}); is its host (rank 0's agent) gone?") from e
+
+    def all_gather_json(self, obj: Any) -> list[Any]:
+        payload = json.dumps(obj, separators=(",", ":"))
+        call, self._calls = self._calls, self._calls + 1
+        key = self._key(call, self.rank)
+        self._store.set(key, payload)
+        out = self._wait(call, list(range(self.world_size)))
+        for old in self._mine:  # every rank set a key of this call: all read the older ones
+            try:
+                self._store.delete_key(old)
+            except Exception:  # cleanup only
+                pass
+        self._mine = [key]
+        return out
+
+    def broadcast_json(self, obj: Any, src: int = 0) -> Any:
+        call, self._calls = self._calls, self._calls + 1
+        if self.rank == src:
+            key = self._key(call, src)
+            payload = json.dumps(obj, separators=(",", ":"))
+            self._store.set(key, payload)
+            self._mine.append(key)
+            return json.loads(payload)
+        return self._wait(call, [src])[0]
+
+    def leftover_keys(self) -> tuple[str, ...]:
+        """This rank's keys not yet deleted (pass as ``stale`` to the next ``StoreComm``)."""
+        return tuple(self._mine)
 
 
 def default_comm(group: Optional[Any] = None) -> Comm:

@@ -234,3 +234,47 @@ def test_hook_restarts_a_dead_agent(tmp_path: Path) -> None:
         if hook._agent is not None:
             hook._agent.wait(DEADLINE)
     assert _wait(lambda: _shm(tmp_path / "run") == [], 10), _shm(tmp_path / "run")
+
+
+def test_agents_persist_together_and_abandon_a_step_one_of_them_never_got(tmp_path: Path, caplog: Any) -> None:
+    """Two agents (threads here, each with its own ``Agent``) persist one checkpoint of the job
+    through rank 0's store; a step one agent skipped is abandoned by the other at once (logged,
+    nothing committed), and the next step commits."""
+    import logging
+    import threading
+    from datetime import timedelta
+
+    import ckpt
+    from agents._agent import Agent, AgentConfig
+    from ckpt._state import flatten
+    from ckpt.layout import Layout
+
+    store_url = str(tmp_path / "store")
+    agents = [Agent(AgentConfig(run_dir=str(tmp_path / f"run{r}"), rank=r, persist_url=store_url, persist_every=4)) for r in range(2)]
+    port = agents[0].open_store("127.0.0.1", 0)
+    job = {"world_size": 2, "token": "t0", "store": ["127.0.0.1", port], "layout": Layout.grid(dp=2).to_json(), "rules": None, "rank_local": ["rng"], "timeout_s": 120.0}
+
+    def item(rank: int, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        state = {"model": torch.nn.Linear(4, 2), "rng": {"seed": torch.tensor([rank, step])}}
+        flat = flatten(state)
+        return {"step": step, "tree": flat.tree, "job": dict(job, rank=rank)}, {n: t.detach().clone() for n, t in flat.tensors.items()}
+
+    def rank_fn(rank: int) -> None:
+        steps = (4, 8) if rank == 0 else (8,)  # rank 1's trainer never handed over step 4
+        for step in steps:
+            agents[rank]._persist(*item(rank, step))
+
+    caplog.set_level(logging.INFO, logger="agents")
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=rank_fn, args=(r,), daemon=True) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE)
+    assert not any(t.is_alive() for t in threads), "an agent hangs"
+    assert timedelta(seconds=time.monotonic() - t0) < timedelta(seconds=job["timeout_s"])  # abandoned, not timed out
+    assert "rank 1 skipped step 4" in caplog.text
+    assert ckpt.list_steps(store_url) == [8]
+    _, manifest = ckpt.open_manifest(store_url)
+    assert manifest.world_size == 2 and "rank00001/rng.seed" in manifest.tensors
+    assert agents[0]._persisted == agents[1]._persisted == 8

@@ -1,5 +1,5 @@
 """The hook and its agent with real processes: a trainer killed with SIGKILL (before, during and
-after a snapshot copy) is restarted, reattaches to its agent, restores from shared memory with no
+after a snapshot copy, or idle after one: published by the copier) is restarted, reattaches to its agent, restores from shared memory with no
 storage I/O, and continues with the same losses bit for bit; the agent persists every M-th step;
 the agent exits after its grace period and leaves no /dev/shm segment.
 
@@ -73,9 +73,23 @@ def _train(args: argparse.Namespace) -> int:
             if step == args.kill_at and args.kill_when == "after":
                 hook.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
+            if step == args.kill_at and args.kill_when == "idle":
+                # no further step()/wait(): the copier publishes the snapshot when it completes
+                _wait_published(Path(args.run_dir), step)
+                os.kill(os.getpid(), signal.SIGKILL)
     out.write(json.dumps({"done": True}) + "\n")
     out.close()
     return 0
+
+
+def _wait_published(run_dir: Path, step: int, timeout: float = 60.0) -> None:
+    from ckpt.snapshot._shm import read_table
+
+    deadline = time.monotonic() + timeout
+    while (read_table(run_dir) or {}).get("step") != step:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"step {step} not published within {timeout} s")
+        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -173,7 +187,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
     return losses
 
 
-@pytest.mark.parametrize("when", ["before", "during", "after"])
+@pytest.mark.parametrize("when", ["before", "during", "after", "idle"])
 @pytest.mark.parametrize("seed", [1, 2])
 def test_sigkill_restores_from_agent_memory_bit_exact(tmp_path: Path, reference: dict[int, str], when: str, seed: int) -> None:
     kill_at = random.Random(f"{when}-{seed}").randrange(3, STEPS - 2)
@@ -194,7 +208,7 @@ def test_sigkill_restores_from_agent_memory_bit_exact(tmp_path: Path, reference:
         head = _records(out2)[0]
         assert head["from"] == "memory", head
         assert 1 <= head["restored"] <= kill_at + 1
-        if when == "after":
+        if when in ("after", "idle"):
             assert head["restored"] == kill_at + 1
         assert os.listdir(empty) == []
         after = _losses(out2)
