@@ -4,9 +4,8 @@ The agents save the hook's state ``{"state": <training state>, "rng": RNGState}`
 job's layout and rules, the RNG states rank-local (``rank<NNNNN>/rng.*``: no rule need cover
 them) whenever there is more than one rank or rules are given. ``load_hook_state`` reads such a
 checkpoint back: a plain ``ckpt.load`` when the job gives neither rules nor a layout, else a
-target-driven load of the training state through them (optimizer state created first: that path
-fills the target's own tensors only) and then of this rank's RNG states (those of the saved rank
-whose plain values it restores).
+target-driven load of the training state through them and then of this rank's RNG states
+(those of the saved rank whose plain values it restores).
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-import torch
 
-__all__ = ["load_hook_state", "dtensor_json", "init_optimizer_state", "rng_rules"]  # and _walk, for the hook
+__all__ = ["load_hook_state", "dtensor_json", "rng_rules"]  # and _walk, for the hook
 
 log = logging.getLogger("ckpt.hook")
 
@@ -35,26 +33,15 @@ def load_hook_state(state: Any, rng: Any, storage: str, *, layout: Any, rules: A
 
     if rules is None and layout is None:  # the saved trees name every tensor
         return ckpt.load({"state": state, "rng": rng}, storage, comm=comm)
-    fresh = [o for o in _walk(state) if isinstance(o, torch.optim.Optimizer) and not o.state]
-    for opt in fresh:
-        init_optimizer_state(opt)
-    try:
-        result = ckpt.load({"state": state}, storage, layout=layout, rules=rules, comm=comm)
-    except Exception:
-        for opt in fresh:  # nothing loaded: as it was (the parameters were not changed)
-            opt.state.clear()
-        raise
-    # a plain dict target: the target-driven path calls state_dict() twice (flatten, then the
-    # plain values) and RNGState's returns fresh tensors each time
-    target = {"rng": rng.state_dict()}
+    # through the rules (fresh optimizers get their state created by ckpt.load), then this
+    # rank's RNG states, saved rank-local under another name
+    result = ckpt.load({"state": state}, storage, layout=layout, rules=rules, comm=comm)
     world = 1 if comm is None else comm.world_size
     at = layout or (Layout.single() if world == 1 else Layout.grid(dp=world, rank=rank))
     try:
-        ckpt.load(target, storage, step=result.step, layout=layout, rules=rng_rules(result.manifest, at), comm=comm)
+        ckpt.load({"rng": rng}, storage, step=result.step, layout=layout, rules=rng_rules(result.manifest, at), comm=comm)
     except StateMismatchError as e:  # e.g. a checkpoint not written through the hook
         log.warning("rank %s: RNG states not restored from step %d: %s", rank, result.step, e)
-    else:
-        rng.load_state_dict(target["rng"])
     return result
 
 
@@ -65,28 +52,6 @@ def dtensor_json(state: Any) -> dict[str, Any]:
     from ckpt._state import flatten
 
     return {n: dataclasses.asdict(info) for n, info in flatten(state).dtensors.items()}
-
-
-def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
-    """Create an optimizer's state tensors (a step at learning rate 0 on zero gradients, as
-    ``torch.distributed.checkpoint`` does) so a target-driven load has tensors to fill."""
-    if opt.state:
-        return
-    lrs = [g["lr"] for g in opt.param_groups]
-    made = []
-    for g in opt.param_groups:
-        g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
-        for p in g["params"]:
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
-                made.append(p)
-    try:
-        opt.step()
-    finally:
-        for g, lr in zip(opt.param_groups, lrs):
-            g["lr"] = lr
-        for p in made:
-            p.grad = None
 
 
 def rng_rules(manifest: Any, target: Any) -> Any:

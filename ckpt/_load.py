@@ -21,7 +21,7 @@ from ckpt._comm import Comm, default_comm
 from ckpt._read import Target, read_into
 from ckpt._sharding import check_layout, local_mappings, resolve_rules
 from ckpt.resume import source_rank
-from ckpt._state import RestorePlan, flatten, plan_restore, restore_plain
+from ckpt._state import RestorePlan, flatten, init_optimizer_state, optimizers_in, plan_restore, restore_plain
 from ckpt.layout import Layout
 from ckpt.mapping import TensorMapping
 from ckpt._tensors import dtype_name
@@ -131,6 +131,7 @@ def load(
     ref = SaveRef(chosen["step"], chosen["save_id"])
 
     error: Optional[BaseException] = None
+    created: list[Any] = []
     manifest = plan = None
     bytes_read = 0
     try:
@@ -145,11 +146,18 @@ def load(
                 raise StateMismatchError(plan.problems, where=f"{store.url} step {ref.step}")
             targets = {name: (t, TensorMapping.identity(name, tuple(t.shape))) for name, t in plan.fills}
         else:
+            # the target's own tensors are filled: a fresh optimizer needs its state first
+            created = [o for o in optimizers_in(state) if init_optimizer_state(o)]
             plan, targets = _plan_layout_restore(state, tree, manifest, layout, rules, comm, strict, f"{store.url} step {ref.step}")
         bytes_read, _ = read_into(store, manifest, targets, verify=verify, threads=threads)
     except Exception as e:
         error = e
-    _agree(comm, error, f"loading step {ref.step} from {store.url}")
+    try:
+        _agree(comm, error, f"loading step {ref.step} from {store.url}")
+    except BaseException:
+        for opt in created:  # nothing is loaded: the optimizers as they were
+            opt.state.clear()
+        raise
     manifest, plan = cast(Manifest, manifest), cast(RestorePlan, plan)  # set: no error was raised
     for finalize in plan.finalizers:
         finalize()
@@ -186,5 +194,5 @@ def _plan_layout_restore(
         raise StateMismatchError(sorted(set(problems)), where=where)
     targets = {n: (flat.tensors[n], m) for n, m in mappings.items() if all(p.name in manifest.tensors for p in m.pieces)}
     plan = RestorePlan()
-    plan.state = restore_plain(state, tree, plan)
+    plan.state = restore_plain(state, tree, plan, flat.state_dicts)
     return plan, targets

@@ -88,6 +88,10 @@ class FlatState:
     rank_local: tuple[str, ...] = ()
     rank: int = 0
     dtensors: dict[str, DTensorInfo] = field(default_factory=dict)
+    #: ``id(obj) -> obj.state_dict()`` as flattened, for each stateful object: a restore fills
+    #: the tensors of exactly these dicts and must hand the same dicts to ``load_state_dict``
+    #: (an object may return fresh tensors from every ``state_dict()`` call)
+    state_dicts: dict[int, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensors, TensorTable):
@@ -229,7 +233,9 @@ def _encode(obj: Any, path: str, out: FlatState, depth: int) -> Any:
     if isinstance(obj, tuple):
         return {"$tuple": [_encode(v, f"{path}.{i}" if path else str(i), out, depth + 1) for i, v in enumerate(obj)]}
     if _is_stateful(obj):
-        return _encode(obj.state_dict(), path, out, depth + 1)
+        sd = obj.state_dict()
+        out.state_dicts[id(obj)] = sd
+        return _encode(sd, path, out, depth + 1)
     raise UnsupportedStateError(
         f"{path or '(root)'}: value of type {type(obj).__module__}.{type(obj).__qualname__} cannot be "
         "stored without pickle; supported are tensors, numpy arrays, dict/list/tuple, int, float, "
@@ -394,22 +400,62 @@ def _holds_tensor(v: Any) -> bool:
     return False
 
 
+def optimizers_in(state: Any, depth: int = 0) -> list[torch.optim.Optimizer]:
+    """The optimizers in ``state`` (nested dicts, lists and tuples), in order."""
+    if isinstance(state, torch.optim.Optimizer):
+        return [state]
+    if depth < 60 and isinstance(state, Mapping):
+        return [o for v in state.values() for o in optimizers_in(v, depth + 1)]
+    if depth < 60 and isinstance(state, (list, tuple)):
+        return [o for v in state for o in optimizers_in(v, depth + 1)]
+    return []
+
+
+def init_optimizer_state(opt: torch.optim.Optimizer) -> bool:
+    """Create the state tensors of an optimizer that has none yet, so that a load filling
+    the target's own tensors has them to fill: one step at learning rate 0 on zero gradients
+    (what ``torch.distributed.checkpoint`` does). Parameters do not change. Returns True when
+    state was created (``opt.state.clear()`` undoes it)."""
+    if opt.state:
+        return False
+    lrs = [g["lr"] for g in opt.param_groups]
+    made = []
+    for g in opt.param_groups:
+        g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
+        for p in g["params"]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+                made.append(p)
+    try:
+        opt.step()
+    finally:
+        for g, lr in zip(opt.param_groups, lrs):
+            g["lr"] = lr
+        for p in made:
+            p.grad = None
+    return bool(opt.state)
+
+
 def raise_problems(plan: RestorePlan, where: str) -> None:
     if plan.problems:
         raise StateMismatchError(plan.problems, where=where)
 
 
-def restore_plain(target: Any, tree: Any, plan: RestorePlan) -> Any:
+def restore_plain(target: Any, tree: Any, plan: RestorePlan, state_dicts: Mapping[int, Any] = {}) -> Any:  # noqa: B006 - read only
     """Bring the saved non-tensor values into ``target`` where its keys match; tensors are
     left alone (they are filled region by region through the sharding rules). Stateful
-    objects get a ``load_state_dict`` finalizer in ``plan``. Returns the restored tree."""
-    return _plain(target, tree, plan)
+    objects get a ``load_state_dict`` finalizer in ``plan``, with the dict ``state_dicts``
+    (``FlatState.state_dicts`` of the flatten whose tensors are filled) has for them, else a
+    new ``state_dict()``. Returns the restored tree."""
+    return _plain(target, tree, plan, state_dicts)
 
 
-def _plain(target: Any, node: Any, plan: RestorePlan) -> Any:
+def _plain(target: Any, node: Any, plan: RestorePlan, sds: Mapping[int, Any]) -> Any:
     if _is_stateful(target) and not isinstance(target, torch.Tensor):
-        sd = target.state_dict()
-        filled = _plain(sd, node, plan)
+        sd = sds.get(id(target))
+        if sd is None:
+            sd = target.state_dict()
+        filled = _plain(sd, node, plan, sds)
         plan.finalizers.append(lambda t=target, s=filled: t.load_state_dict(s))
         return target
     if isinstance(target, (torch.Tensor, np.ndarray)) or node is None and target is not None:
@@ -418,11 +464,11 @@ def _plain(target: Any, node: Any, plan: RestorePlan) -> Any:
         saved = {_decode_plain(k): v for k, v in node["$dict"]}
         for k in list(target):
             if k in saved:
-                target[k] = _plain(target[k], saved[k], plan)
+                target[k] = _plain(target[k], saved[k], plan, sds)
         return target
     if isinstance(target, list) and isinstance(node, list) and len(target) == len(node):
         for i, n in enumerate(node):
-            target[i] = _plain(target[i], n, plan)
+            target[i] = _plain(target[i], n, plan, sds)
         return target
     if isinstance(node, dict) and set(node) & {"$tensor", "$ndarray", "$shard"}:
         return target  # the saved value was a tensor; the target's own tensor is filled by rules

@@ -13,8 +13,10 @@ of this rank's live agent (no storage I/O), else the latest committed checkpoint
 plus one, or 0). ``step()`` hands the state to a ``SnapshotEngine`` whose slots are segments the
 agent created; each snapshot is published in the run directory's slot table (written last,
 atomically) by the copier thread as soon as its copy is complete, so a trainer killed right
-after a copy finished loses nothing. The table names the latest snapshot and the one before
-(both kept intact), so ranks that died one step apart still share a step to restore.
+after a copy finished loses nothing. Under ``torch.distributed`` the table also names the
+snapshot before the latest (both kept intact), so ranks that died one step apart still share a
+step to restore. Shared memory per rank: 3 state-sized slots for one process, 4 under
+``torch.distributed``, plus the slots a restarted trainer keeps off (``hook.memory_bytes``).
 
 The agent (``python -m agents``, started here by module name in its own session and restarted
 if it dies) persists every ``persist_every``-th published snapshot with ``ckpt.save``; the
@@ -69,8 +71,12 @@ log = logging.getLogger("ckpt.hook")
 
 #: engine slots: latest published + the one before (both pinned: a consistent step across
 #: ranks) + the one handed to the agent for persisting until it copied it + one being filled
-_SLOTS = 4
-_OWNER_SLOTS = _SLOTS + 2  # two more: a restarted trainer keeps off the slots in the table
+# engine slots: the latest snapshot (pinned, in the table), one being filled, one more so the next
+# can start while the agent still copies one handed over for persisting; under
+# torch.distributed one more: the previous snapshot stays pinned too (ranks restore the newest
+# step every rank holds, and ranks die up to a step apart)
+_SLOTS = {False: 3, True: 4}
+_TABLE_SLOTS = {False: 1, True: 2}  # slots the table names, which a restarted trainer keeps off
 
 
 class AgentUnavailableError(RuntimeError):
@@ -469,12 +475,13 @@ class CheckpointHook:
             entry = read_table(self._dir, TABLE_NAME) or {}
             prev = entry.get("previous") if isinstance(entry.get("previous"), dict) else {}
             avoid = {entry.get("slot"), prev.get("slot")}
-            owner = [s for s in range(_OWNER_SLOTS) if s not in avoid][:_SLOTS]
+            multi = self._comm is not None
+            owner = [s for s in range(_SLOTS[multi] + _TABLE_SLOTS[multi]) if s not in avoid][: _SLOTS[multi]]
             self._buffers = SharedMemoryBuffers(self._alloc, dict(enumerate(owner)))
             token = object()
             self._engine_token = token
             self._engine = SnapshotEngine(
-                self.full_state, buffers=self._buffers, policy=self.policy, slots=_SLOTS, on_complete=lambda snap: self._on_complete(snap, token)
+                self.full_state, buffers=self._buffers, policy=self.policy, slots=_SLOTS[multi], on_complete=lambda snap: self._on_complete(snap, token)
             ).start()
             for obj in _walk(self.state):
                 if isinstance(obj, torch.optim.Optimizer):
@@ -549,7 +556,7 @@ class CheckpointHook:
             snap.release()
             return
         entry = _entry(snap, self._buffers)
-        prev = self._latest or self._previous
+        prev = (self._latest or self._previous) if self._comm is not None else None
         if prev is not None:
             entry["previous"] = prev
         write_table(self._dir, entry, TABLE_NAME)  # the commit of this snapshot

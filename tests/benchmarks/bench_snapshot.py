@@ -304,7 +304,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--gib", type=float, default=0.5, help="state size (params + AdamW moments), GiB")
     parser.add_argument("--steps", type=int, default=8, help="measured steps per mode")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=6, help="unmeasured steps per mode (enough to fill every slot once)")
     parser.add_argument("--step-over-copy", type=float, default=4.0, help="target step time / plain copy time")
     parser.add_argument("--modes", default="none,bare_copy,snapshot,hook,dcp_async,torch_save")
     parser.add_argument("--sweep", default="", help="also run none,bare_copy,snapshot,hook at these step/copy ratios, e.g. 2,4,8,16")
