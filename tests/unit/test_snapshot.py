@@ -238,22 +238,23 @@ def test_views_shared_storage_and_plain_values_by_value() -> None:
     assert np.array_equal(fresh["np"], want["np"].numpy())
 
 
-def test_checksums_are_crc32c_of_the_bytes() -> None:
+@pytest.mark.parametrize("algorithm", ["xxh3_64", "crc32c"])
+def test_checksums_are_of_the_bytes(algorithm: str) -> None:
     from ckpt.codecs import checksum
 
-    t = torch.arange(1000, dtype=torch.int32)
-    with SnapshotEngine({"t": t}) as engine:
+    t = torch.arange(300_000, dtype=torch.int32)  # more than one 1 MiB block
+    with SnapshotEngine({"t": t}, policy=SnapshotPolicy(checksum=algorithm)) as engine:
         engine.snapshot(0)
         engine.wait(timeout=DEADLINE)
         with engine.latest_complete() as snap:
-            assert snap.checksums["t"] == checksum("crc32c", t.numpy().view(np.uint8))
-            assert snap.algorithm == "crc32c"
+            assert snap.checksums["t"] == checksum(algorithm, t.numpy().view(np.uint8))
+            assert snap.algorithm == algorithm
             snap.buffers["t"][0] ^= 1
             assert snap.verify() == ["t"]
             from ckpt.snapshot import SnapshotCorruptError
 
             with pytest.raises(SnapshotCorruptError, match="t"):
-                restore_from_snapshot({"t": torch.zeros(1000, dtype=torch.int32)}, snap)
+                restore_from_snapshot({"t": torch.zeros(300_000, dtype=torch.int32)}, snap)
 
 
 def test_latest_complete_is_none_until_a_snapshot_completes_and_keeps_the_previous() -> None:
