@@ -278,21 +278,27 @@ class RestorePlan:
         ndarrays: ``(tensor name, target array)`` for numpy arrays.
         finalizers: ``load_state_dict`` calls to make after every fill succeeded (post-order).
         problems: every mismatch found (shape, dtype, missing entries).
+        local_dtensors: a DTensor in the target is filled through its local shard (the saved
+            tensor is that shard, e.g. a snapshot of the same layout).
     """
 
     state: Any = None
     fills: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     finalizers: list[Callable[[], None]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    local_dtensors: bool = False
 
 
-def plan_restore(target: Any, tree: Any, tensors: Mapping[str, TensorMeta], *, strict: bool = True) -> RestorePlan:
+def plan_restore(target: Any, tree: Any, tensors: Mapping[str, TensorMeta], *, strict: bool = True, local_dtensors: bool = False) -> RestorePlan:
     """Match ``target`` against a saved ``tree``; never touches tensor data.
 
     Tensors in the target with the saved shape and dtype are filled in place; where the target
     has no tensor (``None``, a missing key, an empty optimizer state) a new CPU tensor is made.
+    With ``local_dtensors`` the saved tensors of DTensors are their local shards (a snapshot in
+    the same layout): a DTensor is filled through ``to_local()``; else a DTensor is refused
+    (a checkpoint holds the logical tensor: load it with ``layout=``).
     """
-    plan = RestorePlan()
+    plan = RestorePlan(local_dtensors=local_dtensors)
     plan.state = _restore(target, tree, "", tensors, plan, strict)
     return plan
 
@@ -311,6 +317,16 @@ def _restore(target: Any, node: Any, path: str, tensors: Mapping[str, TensorMeta
             shape = tuple(meta.shape)
             if isinstance(target, np.ndarray) and tag == "$ndarray":
                 return _restore_ndarray(target, val, meta, where, plan)
+            if isinstance(target, torch.Tensor) and _is_dtensor(target) and plan.local_dtensors:
+                local = target.to_local()
+                if tuple(local.shape) != shape or dtype_name(local.dtype, where=where) != meta.dtype:
+                    plan.problems.append(
+                        f"{where} (tensor {val!r}): local shard {dtype_name(local.dtype)} {list(local.shape)} in the state, "
+                        f"{meta.dtype} {list(shape)} in the snapshot (another layout?)"
+                    )
+                else:
+                    plan.fills.append((val, local))  # to_local() shares the DTensor's storage
+                return target
             if isinstance(target, torch.Tensor) and _is_dtensor(target):
                 plan.problems.append(
                     f"{where} (tensor {val!r}): the state holds a DTensor; load with layout= (its mesh's "

@@ -249,9 +249,11 @@ def test_tp_restores_from_memory_then_from_the_agents_checkpoint_in_any_layout(t
     assert_clean(run_root, pids)
 
 
-def test_dtensor_state_is_persisted_by_the_agents_through_its_placements(tmp_path: Path) -> None:
-    """DTensor parameters (and their AdamW moments) reach the agents as plain local shards; the
-    hook hands their placements over, so the agents' checkpoint holds the logical tensors."""
+def test_dtensor_state_restores_from_memory_and_is_persisted_through_its_placements(tmp_path: Path) -> None:
+    """DTensor parameters (and their AdamW moments), FSDP2-style: after a SIGKILL the ranks
+    restore their local shards from the agents' memory bit for bit; the shards reach the agents
+    as plain tensors and the hook hands their placements over, so the agents' checkpoint holds
+    the logical tensors."""
     from ckpt.layout import Layout
     from ckpt.rules import Replicated, Rules
 
@@ -259,8 +261,7 @@ def test_dtensor_state_is_persisted_by_the_agents_through_its_placements(tmp_pat
     last = (STEPS - 1) // EVERY * EVERY
     pids: set[int] = set()
     try:
-        job = Job(tmp_path, "dtensor", "dtensor", run_root, storage, "--persist-every", EVERY, "--dump-at", last, "--dump", tmp_path / "full{rank}.pt")
-        job.wait()
+        run_root, storage, _, job = kill_and_restore_from_memory(tmp_path, "dtensor", 0, "--dump-at", last, "--dump", tmp_path / "full{rank}.pt")
         pids |= set(agent_pids(run_root))
         wait_persisted(storage, last, agent_logs(run_root))
         stop_agents(run_root, pids)
