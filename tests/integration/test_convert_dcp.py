@@ -42,22 +42,10 @@ def _dcp() -> Any:
 # The worker
 # --------------------------------------------------------------------------------------------
 def _rendezvous(rank: int, rdv: str) -> Any:
-    import torch.distributed as dist
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "multiprocess"))
+    from _rendezvous import rendezvous
 
-    port_file = os.path.join(rdv, "port")
-    if rank == 0:
-        store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
-        with open(port_file + ".tmp", "w") as f:
-            f.write(str(store.port))
-        os.replace(port_file + ".tmp", port_file)
-        return store
-    deadline = time.monotonic() + TIMEOUT.total_seconds()
-    while not os.path.exists(port_file):
-        if time.monotonic() > deadline:
-            raise TimeoutError("rank 0 never published its port")
-        time.sleep(0.01)
-    with open(port_file) as f:
-        return dist.TCPStore("127.0.0.1", int(f.read()), WORLD, is_master=False, timeout=TIMEOUT)
+    return rendezvous(rank, WORLD, rdv, TIMEOUT)
 
 
 def worker(rank: int, out: str, rdv: str) -> None:

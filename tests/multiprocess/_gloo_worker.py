@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -180,23 +179,9 @@ SCENARIOS = {"roundtrip": roundtrip, "put_fails": put_fails, "mismatch": mismatc
 # Process group
 # --------------------------------------------------------------------------------------------
 def _rendezvous(rank: int, world: int, rdv: str) -> dist.TCPStore:
-    """Rank 0 binds port 0 and publishes it; the others wait for the file."""
-    port_file = os.path.join(rdv, "port")
-    if rank == 0:
-        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
-        tmp = port_file + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(str(store.port))
-        os.replace(tmp, port_file)
-        return store
-    deadline = time.monotonic() + TIMEOUT.total_seconds()
-    while not os.path.exists(port_file):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank}: rank 0 never published its port in {port_file}")
-        time.sleep(0.01)
-    with open(port_file) as f:
-        port = int(f.read())
-    return dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=TIMEOUT)
+    from _rendezvous import rendezvous  # this directory is on sys.path: the worker runs as a script
+
+    return rendezvous(rank, world, rdv, TIMEOUT)
 
 
 def main(argv: list[str]) -> None:
