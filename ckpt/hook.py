@@ -33,14 +33,11 @@ Python, numpy and torch (and CUDA) RNG states are captured automatically; under
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import secrets
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -50,6 +47,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ckpt._agent_client import AgentClient, AgentUnavailableError
 from ckpt._hook_load import _walk
 from ckpt.snapshot._engine import Snapshot, SnapshotEngine, SnapshotPolicy
 from ckpt.snapshot._restore import restore_from_snapshot
@@ -59,8 +57,6 @@ from ckpt.snapshot._shm import (
     SharedMemoryBuffers,
     SharedSnapshot,
     job_id,
-    pid_alive,
-    read_pid,
     read_table,
     write_table,
 )
@@ -69,18 +65,12 @@ __all__ = ["CheckpointHook", "RNGState", "AgentUnavailableError"]
 
 log = logging.getLogger("ckpt.hook")
 
-#: engine slots: latest published + the one before (both pinned: a consistent step across
-#: ranks) + the one handed to the agent for persisting until it copied it + one being filled
 # engine slots: the latest snapshot (pinned, in the table), one being filled, one more so the next
 # can start while the agent still copies one handed over for persisting; under
 # torch.distributed one more: the previous snapshot stays pinned too (ranks restore the newest
 # step every rank holds, and ranks die up to a step apart)
 _SLOTS = {False: 3, True: 4}
 _TABLE_SLOTS = {False: 1, True: 2}  # slots the table names, which a restarted trainer keeps off
-
-
-class AgentUnavailableError(RuntimeError):
-    """The per-rank agent did not start or does not answer (its log is in the run directory)."""
 
 
 class RNGState:
@@ -183,8 +173,7 @@ class CheckpointHook:
         self.stats: dict[str, Any] = dict(agent_restarts=0, published=0, restored_from=None, restored_step=None)
         self._engine: Optional[SnapshotEngine] = None
         self._buffers: Optional[SharedMemoryBuffers] = None
-        self._agent: Optional[subprocess.Popen] = None
-        self._agent_pid: Optional[int] = None
+        self._agent: Optional[AgentClient] = None  # set by start()
         self._comm: Any = None  # the trainers' collectives (start/restore only), None alone
         self._job: dict[str, Any] = {}  # how the agents persist: see _setup_job
         self._store_port = 0
@@ -229,6 +218,7 @@ class CheckpointHook:
         tmp = self._dir / f".trainer-r{self.rank}.tmp"
         tmp.write_text(str(os.getpid()))
         os.replace(tmp, self._dir / f"trainer-r{self.rank}.pid")
+        self._agent = AgentClient(self._dir, self.rank, grace_s=self.grace_s, timeout_s=self.agent_timeout_s, persist_url=self.storage, persist_every=self.persist_every)
         self._ensure_agent()
         self._setup_job()
         self._started = True
@@ -325,8 +315,8 @@ class CheckpointHook:
             if self._engine is not None:
                 self._engine.close()
             self._release_all()
-            if self._agent is not None and self._agent.poll() is not None:
-                self._agent = None
+            if self._agent is not None:
+                self._agent.forget_exited()
 
     def _release_all(self) -> None:
         with self._lock:
@@ -337,82 +327,34 @@ class CheckpointHook:
             snap.release()
 
     # ------------------------------------------------------------ agent
+    @property
+    def _client(self) -> AgentClient:
+        if self._agent is None:
+            raise RuntimeError("CheckpointHook is not started")
+        return self._agent
+
     def _request(self, req: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(self._dir / f"agent-r{self.rank}.sock"))
-            s.sendall(json.dumps(req).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise ConnectionError("agent closed the channel")
-                buf += chunk
-        resp = json.loads(buf)
-        if not resp.get("ok"):
-            raise AgentUnavailableError(f"agent of rank {self.rank} refused {req.get('op')}: {resp.get('error')}")
-        return resp
+        return self._client.request(req, timeout=timeout)
 
     def agent_pid(self, timeout: float = 2.0) -> Optional[int]:
         """The pid of the live agent answering on this rank's channel, or None."""
-        try:
-            return int(self._request({"op": "ping"}, timeout=timeout)["pid"])
-        except (OSError, ValueError, KeyError, AgentUnavailableError):
-            return None
-
-    def _live_agent(self) -> Optional[int]:
-        """The pid of this rank's agent if its pid file names a live process, once it answers
-        (waiting up to ``agent_timeout_s``: a live agent may be slow, and is never doubled)."""
-        pid = read_pid(self._dir / f"agent-r{self.rank}.pid")
-        if pid is None or not pid_alive(pid):
-            return None
-        deadline = time.monotonic() + self.agent_timeout_s
-        while pid_alive(pid):
-            answered = self.agent_pid(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-            if answered == pid:
-                return pid
-            if time.monotonic() >= deadline:
-                raise AgentUnavailableError(f"agent {pid} of rank {self.rank} is alive but did not answer within {self.agent_timeout_s} s")
-            time.sleep(0.05)
-        return None
+        return None if self._agent is None else self._agent.ping(timeout)
 
     def _ensure_agent(self) -> None:
-        self._agent_pid = self._live_agent()
-        if self._agent_pid is not None:
-            return
-        if self._started:
+        if self._client.ensure() and self._started:
             self.stats["agent_restarts"] += 1
-            log.warning("rank %s: agent is gone; starting a new one (restart %d)", self.rank, self.stats["agent_restarts"])
-        cmd = [sys.executable, "-m", "agents", "--run-dir", str(self._dir), "--rank", str(self.rank), "--grace-s", str(self.grace_s)]
-        if self.persist_every:
-            cmd += ["--persist-url", self.storage, "--persist-every", str(self.persist_every)]
-        logf = open(self._dir / f"agent-r{self.rank}.log", "ab")
-        try:
-            self._agent = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
-        finally:
-            logf.close()
-        deadline = time.monotonic() + self.agent_timeout_s
-        while time.monotonic() < deadline:
-            if read_pid(self._dir / f"agent-r{self.rank}.pid") == self._agent.pid:
-                self._agent_pid = self.agent_pid(timeout=max(0.1, deadline - time.monotonic()))
-                if self._agent_pid == self._agent.pid:
-                    log.info("rank %s: agent %d started", self.rank, self._agent.pid)
-                    return
-            if self._agent.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AgentUnavailableError(f"agent of rank {self.rank} did not start within {self.agent_timeout_s} s; see {self._dir / f'agent-r{self.rank}.log'}")
+            log.warning("rank %s: agent was gone; started a new one (restart %d)", self.rank, self.stats["agent_restarts"])
 
     def _alloc(self, slot: int, nbytes: int) -> str:
         # on the copier thread: a failure is latched by the engine; the next step() restarts a
         # dead agent (and the engine with it)
-        return self._request({"op": "alloc", "slot": slot, "nbytes": nbytes})["name"]
+        return self._client.alloc(slot, nbytes)
 
     # ------------------------------------------------------------ restore
     def _memory_entries(self) -> dict[int, dict[str, Any]]:
         """Complete snapshots this rank's live agent holds, by step (latest and the one before)."""
         entry = read_table(self._dir, TABLE_NAME)
-        if entry is None or self._live_agent() is None:
+        if entry is None or self._client.live() is None:
             return {}
         out = {entry["step"]: entry}
         prev = entry.get("previous")
@@ -512,11 +454,7 @@ class CheckpointHook:
         return engine.snapshot(step)
 
     def _agent_dead(self) -> bool:
-        if self._agent is not None and self._agent.poll() is not None:
-            return True
-        pid = self._agent_pid if self._agent_pid is not None else (self._agent.pid if self._agent is not None else None)
-        # a killed multi-threaded agent is a zombie before waitpid can reap it: ask /proc
-        return pid is not None and not pid_alive(pid)
+        return self._agent is not None and self._agent.dead()
 
     def _reset_engine(self) -> None:
         engine, self._engine = self._engine, None

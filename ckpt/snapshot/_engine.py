@@ -42,7 +42,7 @@ log = logging.getLogger("ckpt.snapshot")
 #: ``copy_fn(dst, src)``: copy the ``uint8`` array ``src`` into ``dst`` (same size).
 CopyFn = Callable[[np.ndarray, np.ndarray], None]
 
-_BLOCK = 1 << 20  # host copies go block by block, each checksummed while in cache
+_BLOCK = 1 << 18  # host copies go block by block: each block checksummed, then copied from cache
 _ALIGN = 64  # every tensor starts on a 64-byte boundary of its slot (any dtype view fits)
 
 
@@ -508,15 +508,17 @@ class SnapshotEngine:
                 data = byte_view(host_contiguous(src))
             dst = buf[e.offset : e.offset + e.nbytes]
             hasher = Hasher(algo)
-            # block by block, each checksummed while it is still in cache: the slot is read
-            # back from the cache, not from memory (one fewer pass over the bytes)
+            # block by block (a quarter of a core's L2): the checksum reads the block from
+            # memory, the copy then reads it from the cache, so the source is read from memory
+            # once (measured: as cheap as the bare copy; checksumming the slot after the copy was
+            # not). The guard keeps the source still until its entry is done.
             for lo in range(0, e.nbytes, _BLOCK):
                 t0 = time.perf_counter()
-                self._copy_fn(dst[lo : lo + _BLOCK], data[lo : lo + _BLOCK])
+                hasher.update(data[lo : lo + _BLOCK])
                 t1 = time.perf_counter()
-                hasher.update(dst[lo : lo + _BLOCK])
-                hash_s += time.perf_counter() - t1
-                copy_s += t1 - t0
+                self._copy_fn(dst[lo : lo + _BLOCK], data[lo : lo + _BLOCK])
+                copy_s += time.perf_counter() - t1
+                hash_s += t1 - t0
             e.src = None
             e.done.set()
             job.checksums[e.name] = hasher.hexdigest()

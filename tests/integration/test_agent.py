@@ -229,10 +229,11 @@ def test_hook_restarts_a_dead_agent(tmp_path: Path) -> None:
     finally:
         for pid in pids:
             _stop(pid)
-        if hook._agent is not None and hook._agent.poll() is None:
-            _stop(hook._agent.pid)
-        if hook._agent is not None:
-            hook._agent.wait(DEADLINE)
+        started = hook._agent.process if hook._agent is not None else None
+        if started is not None and started.poll() is None:
+            _stop(started.pid)
+        if started is not None:
+            started.wait(DEADLINE)
     assert _wait(lambda: _shm(tmp_path / "run") == [], 10), _shm(tmp_path / "run")
 
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckpt import _reshard
+from ckpt import _boxsets
 from ckpt._reshard import (
     LoadPlan,
     PlanError,
@@ -304,12 +304,12 @@ def test_overlap_and_gap_checks_match_brute_force(data: st.DataObject) -> None:
     painted = _paint(shape, boxes)
     overlapping = bool((painted > 1).any())
     los, his = [b.offsets for b in boxes], [b.ends for b in boxes]
-    for pair in (_reshard._find_overlap(boxes), _reshard._overlap_among(los, his, pairwise_max=0)):
+    for pair in (_boxsets.find_overlap(boxes), _boxsets.overlap_among(los, his, pairwise_max=0)):
         assert (pair is not None) == overlapping
         if pair is not None:
             assert pair[0] < pair[1] and boxes[pair[0]].intersect(boxes[pair[1]]) is not None
     if not overlapping:
-        gap = _reshard._find_gap(Box.whole(shape), boxes)
+        gap = _boxsets.find_gap(Box.whole(shape), boxes)
         assert (gap is None) == bool((painted == 1).all())
         if gap is not None:
             assert gap.numel > 0 and not painted[_slices(gap)].any()
@@ -322,10 +322,10 @@ def test_sweep_scales_on_many_flat_ranges() -> None:
         points = sorted(set([0, numel] + random.Random(0).sample(range(numel), 3000)))
         boxes = [b for a, z in zip(points[:-1], points[1:]) for b in flat_range_to_boxes(shape, a, z)]
         t0 = time.perf_counter()
-        assert _reshard._find_overlap(boxes) is None
-        assert _reshard._find_gap(Box.whole(shape), boxes) is None
+        assert _boxsets.find_overlap(boxes) is None
+        assert _boxsets.find_gap(Box.whole(shape), boxes) is None
         bad = boxes + [Box((3,) + (0,) * (len(shape) - 1), (1,) * len(shape))]
-        assert _reshard._find_overlap(bad) is not None
+        assert _boxsets.find_overlap(bad) is not None
         elapsed = time.perf_counter() - t0
         print(f"tiling check of {len(boxes)} boxes of {shape}: {elapsed * 1e3:.0f} ms")
         assert elapsed < 30  # generous: a hang, not a speed, is what this catches
