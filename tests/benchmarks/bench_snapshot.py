@@ -21,11 +21,13 @@ copy bandwidth >= 0.7x of the plain copy.
 per core). On a 2-core machine, ``--threads 1`` leaves the copier a core of its own, which is
 how a GPU job's host looks to the snapshot (its cores are mostly idle); with every core
 training, the copy takes its time from the training threads (see the bare-copy floor).
+``BENCH_DEBUG=1`` prints each measured step's blocked time and every slow garbage collection.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import sys
@@ -213,6 +215,9 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
             engine.wait()
             base = dict(engine.stats)
         blocked.clear()
+        # a full collection of this process's ~300k objects takes 0.1-0.3 s: do it now, not
+        # inside the measured steps of whichever mode happens to cross the threshold
+        gc.collect()
         t_start = time.perf_counter()
         for i in range(warmup, warmup + steps):
             train_step(model, opt, x)
@@ -229,6 +234,8 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
             engine.wait()
             st = engine.stats
             guard = st["blocked_s"] - base["blocked_s"]
+            if os.environ.get("BENCH_DEBUG"):
+                sys.stderr.write(f"  {mode} per-step ms {[round(b * 1e3, 1) for b in blocked]} guard {guard * 1e3:.1f}\n")
             total_blocked = sum(blocked) + guard
             blocked = [total_blocked / steps] * steps  # per snapshot: snapshot() + guard waits
             extra = {
@@ -324,6 +331,16 @@ def main() -> None:
 
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
+    if os.environ.get("BENCH_DEBUG"):  # per-step blocked times and slow garbage collections
+        t_gc: dict[str, float] = {}
+
+        def _gc_cb(phase: str, info: dict) -> None:
+            if phase == "start":
+                t_gc["t"] = time.perf_counter()
+            elif info["generation"] == 2 or time.perf_counter() - t_gc["t"] > 0.01:
+                sys.stderr.write(f"  gc gen{info['generation']} {1e3 * (time.perf_counter() - t_gc['t']):.1f} ms collected {info['collected']}\n")
+
+        gc.callbacks.append(_gc_cb)
     model, opt = build(args.gib)
     x1 = torch.randn(1, WIDTH)
     train_step(model, opt, x1)  # creates the Adam state
