@@ -10,7 +10,8 @@
 * ``RDV``: rendezvous directory (rank 0 binds port 0 and publishes it, see ``_gloo_worker``);
   ``RUN_ROOT/rank<R>``: the rank's hook run directory; ``STORAGE``: the checkpoint root.
 * ``OUT``: JSON lines: ``{"restored", "from", "step"}`` first, then ``{"step", "loss"}`` (the
-  loss as ``float.hex``) after every optimizer step, then ``{"done": true}``.
+  loss as ``float.hex``) after every optimizer step, then ``{"stats": ...}`` (the hook's
+  ``agent_restarts`` and ``published``; not with ``--no-hook``), then ``{"done": true}``.
 
 Options: ``--steps``, ``--persist-every``, ``--grace-s``, ``--step-sleep`` (seconds after each
 step: a job to kill runs at a known pace), ``--no-hook`` (the reference run:
@@ -223,6 +224,8 @@ def main(argv: list[str]) -> int:
             start = hook.restore()
             record({"restored": start, "from": hook.stats["restored_from"], "step": hook.stats["restored_step"], "fp": fingerprint(state)})
             loop(start, hook)
+            hook.wait()
+            record({"stats": {k: hook.stats[k] for k in ("agent_restarts", "published")}})
     record({"done": True})
     out.close()
     dist.destroy_process_group()

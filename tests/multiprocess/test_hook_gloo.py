@@ -15,7 +15,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -286,6 +285,46 @@ def test_dtensor_state_restores_from_memory_and_is_persisted_through_its_placeme
             assert torch.equal(target["state"]["model"][name], full[f"model.{name}"]), name
             for m in moments:
                 assert torch.equal(target["state"]["optim"]["state"][i][m], full[f"optim.{i}.{m}"]), f"{name} {m}"
+    finally:
+        stop_agents(run_root, pids)
+    assert_clean(run_root, pids)
+
+
+def test_agent_of_rank_0_killed_mid_run_is_restarted_and_the_agents_persist_together_again(tmp_path: Path) -> None:
+    """SIGKILL rank 0's agent (the host of the agents' store) while the job trains: rank 0's
+    hook starts a new agent, which hosts the store again where the other agents look for it;
+    training goes on and a later step is committed as one verified checkpoint of the job."""
+    from ckpt.snapshot._shm import pid_alive, read_pid
+
+    run_root, storage = tmp_path / "run", tmp_path / "store"
+    pids: set[int] = set()
+    try:
+        job = Job(tmp_path, "agent-killed", "dp", run_root, storage, "--persist-every", EVERY, "--step-sleep", 0.05)
+        deadline = time.monotonic() + DEADLINE_S
+        while 1 not in losses(job.outs[0]):  # before the first persist step (EVERY)
+            if time.monotonic() > deadline or any(p.poll() is not None for p in job.procs):
+                _procs.stop(job.procs)
+                pytest.fail(f"rank 0 never finished step 1\n{_procs.logs(job.logs, WORLD)}")
+            time.sleep(0.002)
+        victim = read_pid(run_root / "rank0" / "agent-r0.pid")
+        assert victim is not None and pid_alive(victim)
+        pids.add(victim)
+        os.kill(victim, signal.SIGKILL)
+        job.wait()
+        pids |= set(agent_pids(run_root))
+        replacement = read_pid(run_root / "rank0" / "agent-r0.pid")
+        assert replacement is not None and replacement != victim, "rank 0's agent was not replaced"
+
+        stats = [next(r["stats"] for r in job.records(rank) if "stats" in r) for rank in range(WORLD)]
+        assert [s["agent_restarts"] for s in stats] == [1, 0], stats
+        assert all(sorted(losses(o)) == list(range(STEPS)) for o in job.outs), "training stopped with the agent"
+        assert all(job.records(r)[-1] == {"done": True} for r in range(WORLD))
+
+        last = (STEPS - 1) // EVERY * EVERY
+        wait_persisted(storage, last, agent_logs(run_root))
+        _, manifest = ckpt.open_manifest(str(storage), step=last)
+        assert manifest.world_size == WORLD
+        assert ckpt.verify(str(storage), step=last).ok
     finally:
         stop_agents(run_root, pids)
     assert_clean(run_root, pids)
