@@ -6,12 +6,15 @@ Usage::
 
 A model of Linear layers with AdamW state of about ``--gib`` GiB trains on the CPU with a batch
 calibrated so that one step takes ``--step-over-copy`` times the plain copy of the state. It runs
-``--steps`` measured steps (after warm-up) in four modes: no checkpointing; ``SnapshotEngine``
-snapshot every step (guard on the optimizer); DCP ``async_save`` every step (to a temporary
-directory, waiting for the previous save before starting the next, as DCP requires); and
-``torch.save`` every step. Reported: throughput and its ratio to no checkpointing, time blocked
-per snapshot (ours: ``snapshot()`` + guard waits; DCP: the ``async_save`` call + waiting for the
-previous save; torch.save: the whole save), and the copier's bandwidth into our buffers vs a
+``--steps`` measured steps (after warm-up) in these modes: no checkpointing; a bare background
+copy of the same bytes (no checksum, guard or bookkeeping: the floor); ``SnapshotEngine``
+snapshot every step (guard on the optimizer), into its in-process buffers and
+(``snapshot_shm``) into ``/dev/shm`` segments like the agent's; ``CheckpointHook`` (the agent's
+shared memory); DCP ``async_save`` every step (to a temporary directory, waiting for the
+previous save before starting the next, as DCP requires); and ``torch.save`` every step.
+Reported: throughput and its ratio to no checkpointing, time blocked per snapshot (ours:
+``snapshot()`` + guard waits; DCP: the ``async_save`` call + waiting for the previous save;
+torch.save: the whole save), and the copier's bandwidth (copy + checksum) into our buffers vs a
 plain ``numpy.copyto`` between two reused, pre-faulted buffers of the same total size.
 
 Targets (issue #6): throughput >= 0.90x of no checkpointing; blocked time <= 0.1x of DCP's;
@@ -45,6 +48,7 @@ from _common import timed, gbps, machine, markdown_table, median, write_json  # 
 from ckpt.snapshot import SnapshotEngine, SnapshotPolicy  # noqa: E402
 from ckpt.snapshot._buffers import prefault  # noqa: E402
 from ckpt.snapshot._engine import _BLOCK  # noqa: E402
+from ckpt.snapshot._shm import SharedMemoryBuffers, _close_quietly, create_segment  # noqa: E402
 
 DEFAULT_JSON = Path("bench-results/snapshot.json")
 WIDTH = 2048
@@ -139,6 +143,32 @@ class _BareCopier:
         self._thread.join()
 
 
+class _LocalSegments(SharedMemoryBuffers):
+    """``SharedMemoryBuffers`` over segments this process creates and unlinks (the agent's
+    part, in process)."""
+
+    def __init__(self) -> None:
+        self._owned: dict[int, Any] = {}
+        self._gen = 0
+        super().__init__(self._create)
+
+    def _create(self, slot: int, nbytes: int) -> str:
+        self._gen += 1
+        name = f"ckpt-bench-{os.getpid()}-s{slot}-g{self._gen}"
+        seg = create_segment(name, nbytes)
+        old, self._owned[slot] = self._owned.get(slot), seg
+        if old is not None:
+            old.unlink()
+            _close_quietly(old)
+        return name
+
+    def unlink_all(self) -> None:
+        for seg in self._owned.values():
+            seg.unlink()
+            _close_quietly(seg)
+        self._owned.clear()
+
+
 def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: int, warmup: int, tmp: Path) -> dict[str, Any]:
     state = {"model": model, "optim": opt, "step": 0}
     blocked: list[float] = []
@@ -171,8 +201,11 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
             state["step"] = step
             hook.step(step)
 
-    elif mode == "snapshot":
-        engine = SnapshotEngine(state, policy=SnapshotPolicy(backpressure="wait")).start()
+    elif mode in ("snapshot", "snapshot_shm"):
+        # snapshot_shm: the engine's slots are /dev/shm segments (created here, as the agent
+        # creates them), to tell the destination memory's cost from the hook's own
+        buffers = _LocalSegments() if mode == "snapshot_shm" else None
+        engine = SnapshotEngine(state, buffers=buffers, policy=SnapshotPolicy(backpressure="wait")).start()
         engine.register_guard(opt)
 
         def save(step: int) -> None:
@@ -223,7 +256,7 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
             train_step(model, opt, x)
             t0 = time.perf_counter()
             save(i)
-            if mode in ("none", "snapshot", "hook", "bare_copy"):
+            if mode in ("none", "snapshot", "snapshot_shm", "hook", "bare_copy"):
                 blocked.append(time.perf_counter() - t0)
         if mode == "bare_copy":
             bare.wait()  # its last copy counts in the wall time
@@ -253,6 +286,8 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
             hook.close()
         elif engine is not None:
             engine.close()
+            if isinstance(engine_buffers := getattr(engine, "_buffers", None), _LocalSegments):
+                engine_buffers.unlink_all()
         if mode == "bare_copy":
             bare.close()
     return {"mode": mode, "steps": steps, "wall_s": wall, "steps_per_s": steps / wall, "blocked_per_step_s": median(blocked) if blocked else 0.0, **extra}
@@ -320,7 +355,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="measured steps per mode")
     parser.add_argument("--warmup", type=int, default=6, help="unmeasured steps per mode (enough to fill every slot once)")
     parser.add_argument("--step-over-copy", type=float, default=4.0, help="target step time / plain copy time")
-    parser.add_argument("--modes", default="none,bare_copy,snapshot,hook,dcp_async,torch_save")
+    parser.add_argument("--modes", default="none,bare_copy,snapshot,snapshot_shm,hook,dcp_async,torch_save")
     parser.add_argument("--sweep", default="", help="also run none,bare_copy,snapshot,hook at these step/copy ratios, e.g. 2,4,8,16")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all modes (median per mode)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads for training (0: torch's default)")
@@ -360,7 +395,7 @@ def main() -> None:
     if none:
         summary["step_s"] = 1 / none
         summary["step_over_copy"] = (1 / none) / copy_s
-    for mode in ("bare_copy", "snapshot", "hook"):
+    for mode in ("bare_copy", "snapshot", "snapshot_shm", "hook"):
         if mode in results and none:
             summary[f"{mode}_throughput_ratio"] = results[mode]["steps_per_s"] / none
     if snap:
@@ -380,9 +415,10 @@ def main() -> None:
     print(markdown_table(["mode", "steps/s", "vs none", "blocked ms/step"], rows, right=[False, True, True, True]))
     print()
     targets = []
-    for mode in ("snapshot", "hook", "bare_copy"):
+    labels = {"bare_copy": "throughput ratio, bare background copy (the floor)", "snapshot_shm": "throughput ratio, engine into /dev/shm segments (no hook)"}
+    for mode in ("snapshot", "hook", "snapshot_shm", "bare_copy"):
         if f"{mode}_throughput_ratio" in summary:
-            targets.append([f"throughput ratio, {mode} (>= 0.90)" if mode != "bare_copy" else "throughput ratio, bare background copy (the floor)", f"{summary[f'{mode}_throughput_ratio']:.3f}"])
+            targets.append([labels.get(mode, f"throughput ratio, {mode} (>= 0.90)"), f"{summary[f'{mode}_throughput_ratio']:.3f}"])
     if "blocked_ratio_vs_dcp" in summary:
         targets.append(["blocked vs DCP async_save (<= 0.10)", f"{summary['blocked_ratio_vs_dcp']:.3f}"])
     if "hook_blocked_ratio_vs_dcp" in summary:
