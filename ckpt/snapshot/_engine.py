@@ -34,6 +34,7 @@ from ckpt._state import flatten
 from ckpt._tensors import byte_view, dtype_name, host_contiguous
 from ckpt.codecs import Hasher, checksum
 from ckpt.snapshot._buffers import InProcessBuffers, SnapshotBuffers
+from ckpt.snapshot._yield import CoreYield
 
 __all__ = ["SnapshotPolicy", "SnapshotEngine", "Snapshot", "SnapshotFailedError", "CopyFn"]
 
@@ -63,12 +64,21 @@ class SnapshotPolicy:
         checksum: the algorithm of the per-tensor checksums (``"xxh3_64"``: about twice as fast
             as CRC32C here, and every core-second the copier spends is taken from training;
             these checksums guard memory only, a persisted checkpoint gets its own).
+        yield_threads: how many of torch's intra-op threads the training thread gives up while
+            a snapshot's host copy runs, so the copier has a core (see ``_yield``): 0 (the
+            default) never; ``None`` (auto) 1 when torch trains on every core available. They
+            come back at the first gradient accumulation, guarded forward or optimizer step
+            after the copy, or at ``wait()``/``close()`` (a ``torch.set_num_threads`` of yours
+            in between is overwritten then). Off by default: CPU kernels may round differently
+            with another thread count, and when the threads come back depends on timing, so
+            CPU training with it is no longer bit-reproducible run to run.
     """
 
     backpressure: str = "skip"
     wait_timeout_s: Optional[float] = None
     max_failures: int = 3
     checksum: str = "xxh3_64"
+    yield_threads: Optional[int] = 0
 
     def __post_init__(self) -> None:
         if self.backpressure not in ("skip", "wait"):
@@ -77,6 +87,8 @@ class SnapshotPolicy:
             raise ValueError(f"max_failures must be >= 1, not {self.max_failures}")
         if self.wait_timeout_s is not None and self.wait_timeout_s < 0:
             raise ValueError(f"wait_timeout_s must be >= 0 or None, not {self.wait_timeout_s}")
+        if self.yield_threads is not None and (type(self.yield_threads) is not int or self.yield_threads < 0):
+            raise ValueError(f"yield_threads must be an int >= 0 or None (auto), not {self.yield_threads!r}")
 
 
 @dataclass(eq=False)
@@ -114,6 +126,7 @@ class _Job:
     checksums: dict[str, str] = field(default_factory=dict)
     buffer: Optional[np.ndarray] = None
     finished: threading.Event = field(default_factory=threading.Event)
+    host_pending: bool = False  # counted in the engine's pending host copies
 
 
 class Snapshot:
@@ -218,11 +231,14 @@ class SnapshotEngine:
         self._hooks: list[Any] = []
         self._side_stream: Any = None
         self._on_complete = on_complete
-        #: counters: taken, skipped, completed, failed, blocked_s (guards and wait_for),
+        self._yield = CoreYield(self.policy.yield_threads)
+        self._host_pending = 0  # queued or running jobs whose host copies are not done
+        #: counters: taken, skipped, completed, failed, yielded (times threads were lent to
+        #: the copier), blocked_s (guards and wait_for),
         #: snapshot_s (time spent inside snapshot()), wait_s (inside wait()), and on the copier:
         #: copy_s, copied_bytes (host-to-host copies), checksum_s
         self.stats: dict[str, float] = dict(
-            taken=0, skipped=0, completed=0, failed=0, blocked_s=0.0, snapshot_s=0.0, wait_s=0.0, copy_s=0.0, copied_bytes=0, checksum_s=0.0
+            taken=0, skipped=0, completed=0, failed=0, yielded=0, blocked_s=0.0, snapshot_s=0.0, wait_s=0.0, copy_s=0.0, copied_bytes=0, checksum_s=0.0
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -248,6 +264,7 @@ class SnapshotEngine:
             if self._thread.is_alive():
                 raise TimeoutError(f"snapshot copier did not finish within {timeout} s")
         self._closed = True
+        self._yield.restore()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -317,12 +334,24 @@ class SnapshotEngine:
                 log.warning("snapshot of step %d skipped: both snapshot buffers are busy (policy %s)", step, self.policy.backpressure)
                 return False
             job = _Job(step, slot, entries, offset, flat.tree, frozenset(flat.ndarrays), ready)
+            job.host_pending = any(not e.cuda for e in entries)
+            self._host_pending += job.host_pending
             slot.status, slot.job = "busy", job
             self._queue.append(job)
             self._inflight.append(job)
             self.stats["taken"] += 1
             self._cond.notify_all()
+        if job.host_pending:
+            self._yield.lower()  # the copier takes a core from this thread until it is done
+            self.stats["yielded"] = self._yield.lowered_count
         return True
+
+    def _host_done(self, job: _Job) -> None:
+        """The copier finished ``job``'s host copies (or gave up on them)."""
+        with self._cond:
+            if job.host_pending:
+                job.host_pending = False
+                self._host_pending -= 1
 
     def _free_slot(self) -> Optional[_Slot]:
         return next((s for s in self._slots if s.status == "free"), None)
@@ -354,6 +383,7 @@ class SnapshotEngine:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not job.finished.wait(left):
                     raise TimeoutError(f"snapshot of step {job.step} still copying after {timeout} s")
+            self._yield.restore_if(self._host_pending)
             with self._cond:
                 err, self._error = self._error, None
             if err is not None:
@@ -395,24 +425,35 @@ class SnapshotEngine:
 
         An optimizer gets a step pre-hook waiting for its parameters and state tensors; a module
         gets a forward pre-hook waiting for its buffers (e.g. BatchNorm running statistics that
-        forward updates). Returns the hook handle (removed by ``close()``).
+        forward updates). Both give back the threads lent to the copier (``yield_threads``), as
+        does each gradient accumulated into an optimizer's parameters once the copy is done.
+        Returns the guard's hook handle (all are removed by ``close()``).
         """
         if isinstance(obj, torch.optim.Optimizer):
 
             def opt_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
                 if not self._inflight:  # nothing in flight: no cost beyond this test
+                    self._yield.restore_if(self._host_pending)
                     return
                 keys = {_storage_key(p) for g in opt.param_groups for p in g["params"]}
                 for st in opt.state.values():
                     keys.update(_storage_key(v) for v in st.values() if isinstance(v, torch.Tensor))
                 self._wait_keys(keys, None)
+                self._yield.restore()  # this optimizer's copies are done; the step needs every core
 
             handle = obj.register_step_pre_hook(opt_hook)
+            if self.policy.yield_threads != 0:  # the copy often ends during backward
+                for p in {id(p): p for g in obj.param_groups for p in g["params"] if p.requires_grad}.values():
+                    try:
+                        self._hooks.append(p.register_post_accumulate_grad_hook(lambda _p: self._yield.restore_if(self._host_pending)))
+                    except RuntimeError as e:  # e.g. a non-leaf parameter: the step pre-hook restores
+                        log.debug("no gradient hook on a parameter of %s: %r", type(obj).__name__, e)
         elif isinstance(obj, torch.nn.Module):
 
             def mod_hook(mod: torch.nn.Module, args: Any) -> None:
                 if self._inflight:
                     self._wait_keys({_storage_key(b) for b in mod.buffers()}, None)
+                self._yield.restore_if(self._host_pending)
 
             handle = obj.register_forward_pre_hook(mod_hook)
         else:
@@ -451,6 +492,7 @@ class SnapshotEngine:
             try:
                 self._copy(job)
             except BaseException as e:  # latched; the training thread decides at snapshot()/wait()
+                self._host_done(job)
                 for ent in job.entries:
                     ent.src = None
                     ent.issued.set()
@@ -522,6 +564,7 @@ class SnapshotEngine:
             e.src = None
             e.done.set()
             job.checksums[e.name] = hasher.hexdigest()
+        self._host_done(job)
         for e in cuda_entries:
             e.cuda_event.synchronize()
             e.src = None

@@ -10,7 +10,9 @@ calibrated so that one step takes ``--step-over-copy`` times the plain copy of t
 copy of the same bytes (no checksum, guard or bookkeeping: the floor); ``SnapshotEngine``
 snapshot every step (guard on the optimizer), into its in-process buffers and
 (``snapshot_shm``) into ``/dev/shm`` segments like the agent's; ``CheckpointHook`` (the agent's
-shared memory); DCP ``async_save`` every step (to a temporary directory, waiting for the
+shared memory); ``snapshot_yield``/``hook_yield``: the same with
+``SnapshotPolicy(yield_threads=None)`` (the training thread lends the copier a core while it
+copies, when torch trains on every core); DCP ``async_save`` every step (to a temporary directory, waiting for the
 previous save before starting the next, as DCP requires); and ``torch.save`` every step.
 Reported: throughput and its ratio to no checkpointing, time blocked per snapshot (ours:
 ``snapshot()`` + guard waits; DCP: the ``async_save`` call + waiting for the previous save;
@@ -176,6 +178,9 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
     engine = None
     pending: Any = None
     save: Callable[[int], None]
+    # *_yield: the training thread lends the copier a core while it copies (auto: on when
+    # torch trains on every core)
+    policy = SnapshotPolicy(backpressure="wait", yield_threads=None if mode.endswith("_yield") else 0)
 
     if mode == "none":
 
@@ -190,22 +195,22 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
         def save(step: int) -> None:
             bare.kick()
 
-    elif mode == "hook":
+    elif mode in ("hook", "hook_yield"):
         from ckpt.hook import CheckpointHook
 
         hook = CheckpointHook(
-            state, storage=str(tmp / "hook-storage"), run_dir=str(tmp.parent / (tmp.name + "-run")), persist_every=0, grace_s=5.0, policy=SnapshotPolicy(backpressure="wait")
+            state, storage=str(tmp / "hook-storage"), run_dir=str(tmp.parent / (tmp.name + "-run")), persist_every=0, grace_s=5.0, policy=policy
         ).start()
 
         def save(step: int) -> None:
             state["step"] = step
             hook.step(step)
 
-    elif mode in ("snapshot", "snapshot_shm"):
+    elif mode in ("snapshot", "snapshot_shm", "snapshot_yield"):
         # snapshot_shm: the engine's slots are /dev/shm segments (created here, as the agent
         # creates them), to tell the destination memory's cost from the hook's own
         buffers = _LocalSegments() if mode == "snapshot_shm" else None
-        engine = SnapshotEngine(state, buffers=buffers, policy=SnapshotPolicy(backpressure="wait")).start()
+        engine = SnapshotEngine(state, buffers=buffers, policy=policy).start()
         engine.register_guard(opt)
 
         def save(step: int) -> None:
@@ -239,7 +244,7 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
         for i in range(warmup):
             train_step(model, opt, x)
             save(i)
-        if mode == "hook":
+        if mode in ("hook", "hook_yield"):
             hook.wait()
             engine = hook._engine
         if mode == "bare_copy":
@@ -256,7 +261,7 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
             train_step(model, opt, x)
             t0 = time.perf_counter()
             save(i)
-            if mode in ("none", "snapshot", "snapshot_shm", "hook", "bare_copy"):
+            if mode in ("none", "snapshot", "snapshot_shm", "snapshot_yield", "hook", "hook_yield", "bare_copy"):
                 blocked.append(time.perf_counter() - t0)
         if mode == "bare_copy":
             bare.wait()  # its last copy counts in the wall time
@@ -278,11 +283,12 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
                 "copied_bytes": st["copied_bytes"] - base["copied_bytes"],
                 "checksum_s": st["checksum_s"] - base["checksum_s"],
                 "completed": st["completed"] - base["completed"],
+                "yielded": st["yielded"] - base["yielded"],
                 "skipped": st["skipped"] - base["skipped"],
                 "memory_bytes": engine.memory_bytes,
             }
     finally:
-        if mode == "hook":
+        if mode in ("hook", "hook_yield"):
             hook.close()
         elif engine is not None:
             engine.close()
@@ -355,7 +361,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="measured steps per mode")
     parser.add_argument("--warmup", type=int, default=6, help="unmeasured steps per mode (enough to fill every slot once)")
     parser.add_argument("--step-over-copy", type=float, default=4.0, help="target step time / plain copy time")
-    parser.add_argument("--modes", default="none,bare_copy,snapshot,snapshot_shm,hook,dcp_async,torch_save")
+    parser.add_argument("--modes", default="none,bare_copy,snapshot,snapshot_yield,snapshot_shm,hook,hook_yield,dcp_async,torch_save")
     parser.add_argument("--sweep", default="", help="also run none,bare_copy,snapshot,hook at these step/copy ratios, e.g. 2,4,8,16")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all modes (median per mode)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads for training (0: torch's default)")
@@ -395,7 +401,7 @@ def main() -> None:
     if none:
         summary["step_s"] = 1 / none
         summary["step_over_copy"] = (1 / none) / copy_s
-    for mode in ("bare_copy", "snapshot", "snapshot_shm", "hook"):
+    for mode in ("bare_copy", "snapshot", "snapshot_yield", "snapshot_shm", "hook", "hook_yield"):
         if mode in results and none:
             summary[f"{mode}_throughput_ratio"] = results[mode]["steps_per_s"] / none
     if snap:
@@ -415,8 +421,13 @@ def main() -> None:
     print(markdown_table(["mode", "steps/s", "vs none", "blocked ms/step"], rows, right=[False, True, True, True]))
     print()
     targets = []
-    labels = {"bare_copy": "throughput ratio, bare background copy (the floor)", "snapshot_shm": "throughput ratio, engine into /dev/shm segments (no hook)"}
-    for mode in ("snapshot", "hook", "snapshot_shm", "bare_copy"):
+    labels = {
+        "bare_copy": "throughput ratio, bare background copy (the floor)",
+        "snapshot_shm": "throughput ratio, engine into /dev/shm segments (no hook)",
+        "snapshot_yield": "throughput ratio, snapshot lending the copier a core (>= 0.90)",
+        "hook_yield": "throughput ratio, hook lending the copier a core (>= 0.90)",
+    }
+    for mode in ("snapshot", "hook", "snapshot_yield", "hook_yield", "snapshot_shm", "bare_copy"):
         if f"{mode}_throughput_ratio" in summary:
             targets.append([labels.get(mode, f"throughput ratio, {mode} (>= 0.90)"), f"{summary[f'{mode}_throughput_ratio']:.3f}"])
     if "blocked_ratio_vs_dcp" in summary:

@@ -522,3 +522,112 @@ def test_restore_mismatch_lists_problems() -> None:
             with pytest.raises(StateMismatchError) as info:
                 restore_from_snapshot({"a": torch.ones(4), "b": torch.ones(2, dtype=torch.int64)}, snap)
     assert len(info.value.problems) == 2
+
+
+# ------------------------------------------------------------------------------------------
+# lending the copier a core (SnapshotPolicy.yield_threads)
+# ------------------------------------------------------------------------------------------
+@pytest.fixture
+def two_threads() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _forward_backward(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    model(torch.randn(8, model[0].in_features, generator=g)).square().mean().backward()
+
+
+def test_yield_lowers_threads_while_copying_and_a_gradient_gives_them_back(two_threads: Any) -> None:
+    """With ``yield_threads=1`` the training thread runs on one thread from ``snapshot()`` until
+    the copy is done; the first gradient accumulated after that gives the second one back (no
+    optimizer step or ``wait()`` needed), and the snapshot is still exact."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    _train_step(model, opt, 0)
+    gate = Gate()
+    with SnapshotEngine({"model": model, "optim": opt}, copy_fn=gate, policy=SnapshotPolicy(yield_threads=1)) as engine:
+        engine.register_guard(opt)
+        expected = _clone_state(model, opt)
+        assert engine.snapshot(1)
+        assert torch.get_num_threads() == 1, "threads not lent to the copier"
+        assert engine.stats["yielded"] == 1
+        opt.zero_grad()
+        _forward_backward(model, 1)  # still copying: gradient hooks keep the threads lent
+        assert torch.get_num_threads() == 1
+        gate.open.set()
+        deadline = time.monotonic() + DEADLINE
+        while engine._host_pending and time.monotonic() < deadline:  # the copier's host part done
+            time.sleep(0.005)
+        _forward_backward(model, 2)  # a gradient accumulates: the threads come back
+        assert torch.get_num_threads() == 2
+        opt.step()
+        engine.wait(timeout=DEADLINE)
+        with engine.latest_complete() as snap:
+            _assert_snapshot_equals(snap, expected)
+
+
+def test_yield_threads_come_back_at_the_optimizer_step_at_wait_and_at_close(two_threads: Any) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train_step(model, opt, 0)
+    state = {"model": model, "optim": opt}
+    gate = Gate()
+    gate.open.set()
+    with SnapshotEngine(state, copy_fn=gate, policy=SnapshotPolicy(yield_threads=1)) as engine:
+        engine.register_guard(opt)
+        assert engine.snapshot(1) and torch.get_num_threads() == 1
+        opt.step()  # the guard waits for the copy, then gives the threads back
+        assert torch.get_num_threads() == 2
+        assert engine.snapshot(2) and torch.get_num_threads() == 1
+        engine.wait(timeout=DEADLINE)
+        assert torch.get_num_threads() == 2
+        assert engine.snapshot(3) and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2, "close() must give the threads back"
+
+
+def test_yield_is_off_by_default_never_below_one_thread_and_only_on_the_lending_thread(two_threads: Any) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train_step(model, opt, 0)
+    state = {"model": model, "optim": opt}
+    with SnapshotEngine(state) as engine:  # default policy: bit-reproducible, never lends
+        assert engine.snapshot(1) and torch.get_num_threads() == 2
+        engine.wait(timeout=DEADLINE)
+        assert engine.stats["yielded"] == 0
+    torch.set_num_threads(1)
+    with SnapshotEngine(state, policy=SnapshotPolicy(yield_threads=4)) as engine:
+        assert engine.snapshot(1) and torch.get_num_threads() == 1  # nothing to lend
+        engine.wait(timeout=DEADLINE)
+    torch.set_num_threads(2)
+    gate = Gate()
+    with SnapshotEngine(state, copy_fn=gate, policy=SnapshotPolicy(yield_threads=1)) as engine:
+        assert engine.snapshot(1) and torch.get_num_threads() == 1
+        seen: list[int] = []
+        other = threading.Thread(target=lambda: (engine._yield.restore(), seen.append(torch.get_num_threads())))
+        other.start()
+        other.join(DEADLINE)
+        assert torch.get_num_threads() == 1, "another thread must not restore the training thread's team"
+        gate.open.set()
+        engine.wait(timeout=DEADLINE)
+        assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "1"])
+def test_yield_threads_rejects_bad_values(value: Any) -> None:
+    with pytest.raises(ValueError, match="yield_threads"):
+        SnapshotPolicy(yield_threads=value)
+
+
+def test_auto_yield_lends_one_thread_only_when_torch_trains_on_every_core(monkeypatch: pytest.MonkeyPatch, two_threads: Any) -> None:
+    from ckpt.snapshot import _yield
+
+    monkeypatch.setattr(_yield.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert _yield.auto_yield_threads() == 1
+    monkeypatch.setattr(_yield.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert _yield.auto_yield_threads() == 0  # a core to spare: the copier takes that one
+    torch.set_num_threads(1)
+    monkeypatch.setattr(_yield.os, "sched_getaffinity", lambda pid: {0})
+    assert _yield.auto_yield_threads() == 0
