@@ -145,6 +145,32 @@ class _BareCopier:
         self._thread.join()
 
 
+class DcpAsyncSaver:
+    """DCP ``async_save`` of the model and optimizer every step into two alternating directories
+    under ``tmp``, waiting for the previous save first (as DCP requires); the time each call
+    blocks is appended to ``blocked``."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, tmp: Path, blocked: list[float]) -> None:
+        self.model, self.opt, self.tmp, self.blocked = model, opt, tmp, blocked
+        self.pending: Any = None
+
+    def __call__(self, step: int) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        t0 = time.perf_counter()
+        if self.pending is not None:
+            self.pending.result()
+        d = self.tmp / f"dcp-{step % 2}"
+        shutil.rmtree(d, ignore_errors=True)
+        self.pending = dcp.async_save({"model": self.model.state_dict(), "optim": self.opt.state_dict(), "step": step}, checkpoint_id=str(d), no_dist=True)
+        self.blocked.append(time.perf_counter() - t0)
+
+    def finish(self) -> None:
+        """Wait for the last save."""
+        if self.pending is not None:
+            self.pending.result()
+
+
 class _LocalSegments(SharedMemoryBuffers):
     """``SharedMemoryBuffers`` over segments this process creates and unlinks (the agent's
     part, in process)."""
@@ -218,17 +244,7 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
             engine.snapshot(step)
 
     elif mode == "dcp_async":
-        import torch.distributed.checkpoint as dcp
-
-        def save(step: int) -> None:
-            nonlocal pending
-            t0 = time.perf_counter()
-            if pending is not None:
-                pending.result()
-            d = tmp / f"dcp-{step % 2}"
-            shutil.rmtree(d, ignore_errors=True)
-            pending = dcp.async_save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step}, checkpoint_id=str(d), no_dist=True)
-            blocked.append(time.perf_counter() - t0)
+        save = pending = DcpAsyncSaver(model, opt, tmp, blocked)
 
     elif mode == "torch_save":
 
@@ -267,7 +283,7 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
             bare.wait()  # its last copy counts in the wall time
         wall = time.perf_counter() - t_start
         if pending is not None:
-            pending.result()
+            pending.finish()
         if engine is not None:
             engine.wait()
             st = engine.stats

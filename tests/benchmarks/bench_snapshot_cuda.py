@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import gbps, machine, markdown_table, median, write_json  # noqa: E402
-from bench_snapshot import WIDTH, build, state_bytes, train_step  # noqa: E402
+from bench_snapshot import WIDTH, DcpAsyncSaver, build, state_bytes, train_step  # noqa: E402
 
 from ckpt.snapshot import PinnedBuffers, SnapshotEngine, SnapshotPolicy  # noqa: E402
 
@@ -124,17 +124,7 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
             blocked.append(time.perf_counter() - t0)
 
     elif mode == "dcp_async":
-        import torch.distributed.checkpoint as dcp
-
-        def save(step: int) -> None:
-            nonlocal pending
-            t0 = time.perf_counter()
-            if pending is not None:
-                pending.result()
-            d = tmp / f"dcp-{step % 2}"
-            shutil.rmtree(d, ignore_errors=True)
-            pending = dcp.async_save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step}, checkpoint_id=str(d), no_dist=True)
-            blocked.append(time.perf_counter() - t0)
+        save = pending = DcpAsyncSaver(model, opt, tmp, blocked)
 
     else:
         raise ValueError(mode)
@@ -154,7 +144,7 @@ def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: t
         sync(device)
         wall = time.perf_counter() - t0
         if pending is not None:
-            pending.result()
+            pending.finish()
         guard = 0.0
         if engine is not None:
             engine.wait()
