@@ -23,6 +23,9 @@ import pytest
 import ckpt
 from ckpt.snapshot._shm import job_id, pid_alive, read_pid
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "multiprocess"))  # for any --import-mode
+import _procs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "train_gpt.py"
 DEADLINE = 300.0  # hang guard of one run; a run takes seconds
@@ -49,16 +52,7 @@ def _run(tmp_path: Path, steps: int) -> str:
 def _stop_agents(run_dirs: Sequence[Path]) -> None:
     """SIGTERM the agent of every ``run_dir/rank<r>``, wait for it, SIGKILL if it lingers."""
     pids = [pid for d in run_dirs for f in sorted(d.glob("rank*/agent-r*.pid")) if (pid := read_pid(f)) is not None]
-    for pid in pids:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in pids:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    assert not [p for p in pids if pid_alive(p)]
+    assert _procs.terminate_pids(pids) == []
 
 
 def _leaked_segments(run_dirs: Sequence[Path]) -> list[str]:

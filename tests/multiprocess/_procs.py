@@ -7,15 +7,16 @@ failure or at the deadline every rank is killed and the test fails with each ran
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import pytest
 
-__all__ = ["rank_env", "start_rank", "stop", "logs", "wait_all"]
+__all__ = ["rank_env", "start_rank", "stop", "terminate_pids", "logs", "wait_all"]
 
 
 def rank_env() -> dict[str, str]:
@@ -40,6 +41,24 @@ def stop(procs: Sequence[subprocess.Popen]) -> None:
             p.kill()
     for p in procs:
         p.wait()
+
+
+def terminate_pids(pids: Iterable[int], grace_s: float = 30.0) -> list[int]:
+    """SIGTERM processes we did not start as children (agents), wait up to ``grace_s`` for them
+    to exit, SIGKILL the rest; returns the pids still alive after that (should be none)."""
+    from ckpt.snapshot._shm import pid_alive
+
+    pids = list(pids)
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return [p for p in pids if pid_alive(p)]
 
 
 def logs(log_dir: Path, world: int) -> str:

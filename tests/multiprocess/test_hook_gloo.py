@@ -109,18 +109,8 @@ def shm_segments(run_root: Path) -> list[str]:
 
 def stop_agents(run_root: Path, pids: set[int]) -> None:
     """SIGTERM the agents this test started (by pid), SIGKILL them after 30 s."""
-    from ckpt.snapshot._shm import pid_alive
-
     pids |= set(agent_pids(run_root))
-    for pid in pids:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in pids:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    _procs.terminate_pids(pids)
 
 
 def assert_clean(run_root: Path, pids: set[int]) -> None:
