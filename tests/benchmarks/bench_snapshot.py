@@ -173,7 +173,11 @@ class DcpAsyncSaver:
 
 class _LocalSegments(SharedMemoryBuffers):
     """``SharedMemoryBuffers`` over segments this process creates and unlinks (the agent's
-    part, in process)."""
+    part, in process).
+
+    Creating registers a segment with Python's resource tracker and attaching (by the buffers)
+    unregisters it, so ``SharedMemory.unlink()``, which unregisters once more, would make the
+    tracker print a ``KeyError``: segments are unlinked by path instead."""
 
     def __init__(self) -> None:
         self._owned: dict[int, Any] = {}
@@ -186,15 +190,18 @@ class _LocalSegments(SharedMemoryBuffers):
         seg = create_segment(name, nbytes)
         old, self._owned[slot] = self._owned.get(slot), seg
         if old is not None:
-            old.unlink()
-            _close_quietly(old)
+            _unlink(old)
         return name
 
     def unlink_all(self) -> None:
         for seg in self._owned.values():
-            seg.unlink()
-            _close_quietly(seg)
+            _unlink(seg)
         self._owned.clear()
+
+
+def _unlink(seg: Any) -> None:
+    os.unlink("/dev/shm/" + seg.name)
+    _close_quietly(seg)
 
 
 def run_mode(mode: str, model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, steps: int, warmup: int, tmp: Path) -> dict[str, Any]:
