@@ -56,7 +56,7 @@ class _Problem(RulesError):
 
 
 @lru_cache(maxsize=4096)
-def _rx(pattern: str) -> "re.Pattern[str]":
+def compiled_pattern(pattern: str) -> "re.Pattern[str]":
     return re.compile(pattern)
 
 
@@ -70,7 +70,7 @@ def _check_pattern(pattern: Any, what: str = "pattern") -> "re.Pattern[str]":
     if len(pattern) > MAX_PATTERN_CHARS:
         raise _bad(f"{what} has {len(pattern)} characters; at most {MAX_PATTERN_CHARS}")
     try:
-        return _rx(pattern)
+        return compiled_pattern(pattern)
     except (re.error, RecursionError, OverflowError) as e:
         raise _bad(f"{what} {pattern!r} is not a valid regular expression: {e}") from None
 
@@ -133,7 +133,7 @@ def _describe(layout: Layout) -> str:
     return f"rank {layout.rank} ({coords} of {layout.describe()})"
 
 
-def _chunk(total: int, n: int, c: int) -> tuple[int, int]:
+def even_chunk(total: int, n: int, c: int) -> tuple[int, int]:
     """torch.chunk / DTensor ``Shard``: ``(start, size)`` of part ``c`` of ``n`` (ceil pieces)."""
     size = -(-total // n) if total else 0
     start = min(c * size, total)

@@ -25,14 +25,14 @@ from ckpt._rules_base import (
     _check_int,
     _check_pattern,
     _check_template,
-    _chunk,
+    even_chunk,
     _contiguous_boxes,
     _describe,
     _flat_index,
     _jsonable,
     _replace,
     _rows,
-    _rx,
+    compiled_pattern,
 )
 
 # -- renames -------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ class Pipeline(_Rule):
 
     def rename(self, name: str, layout: Layout) -> Optional[str]:
         """The name with its layer index made global, or ``None`` if the pattern does not match."""
-        m = _rx(self.pattern).fullmatch(name)
+        m = compiled_pattern(self.pattern).fullmatch(name)
         if m is None:
             return None
         text = m.group("layer")
@@ -143,7 +143,7 @@ class Tied(_Rule):
         _check_template(self.target, groups, "tied target")
 
     def rename(self, name: str, layout: Layout) -> Optional[str]:
-        m = _rx(self.pattern).fullmatch(name)
+        m = compiled_pattern(self.pattern).fullmatch(name)
         if m is None:
             return None
         return self.target.format(**{k: v or "" for k, v in m.groupdict().items()})
@@ -220,7 +220,7 @@ class Split(_Rule):
             start = c * size
         else:
             total = self.global_size
-            start, size = _chunk(total, n, c)
+            start, size = even_chunk(total, n, c)
             want = _replace(ctx.shape, self.dim, size)
             if want != ctx.shape:
                 raise _Problem(
@@ -402,7 +402,7 @@ def _placement_pieces(ctx: _Ctx, placements: tuple[tuple[str, tuple], ...]) -> T
         d = p[1]
         if d >= len(gshape):
             raise _Problem(f"placement shards dim {d} of a {len(gshape)}-d tensor (global shape {gshape})")
-        start, size = _chunk(sizes[d], ctx.layout.size(axis), ctx.layout.coord(axis))
+        start, size = even_chunk(sizes[d], ctx.layout.size(axis), ctx.layout.coord(axis))
         offsets[d] += start
         sizes[d] = size
         split_dim = d if split_dim is None else split_dim
@@ -520,7 +520,7 @@ class ZeroFlat(_Rule):
         _check_choice(self.partition, "zero_flat partition", ZERO_PARTITIONS)
 
     def selects(self, local_name: str) -> bool:
-        return any(_rx(p).fullmatch(local_name) for p in self.params)
+        return any(compiled_pattern(p).fullmatch(local_name) for p in self.params)
 
     def _range(self, total: int, layout: Layout) -> tuple[int, int, int]:
         """``(start, stop, local numel)`` of this rank's partition."""
@@ -536,7 +536,7 @@ class ZeroFlat(_Rule):
         return start, stop, stop - start
 
     def _map_flat(self, ctx: _Ctx, params: Sequence[TensorMapping]) -> TensorMapping:
-        groups = {k: v or "" for k, v in _rx(self.pattern).fullmatch(ctx.name).groupdict().items()}  # type: ignore[union-attr]
+        groups = {k: v or "" for k, v in compiled_pattern(self.pattern).fullmatch(ctx.name).groupdict().items()}  # type: ignore[union-attr]
         total = sum(math.prod(m.local_shape) for m in params)
         start, stop, numel = self._range(total, ctx.layout)
         if ctx.shape != (numel,):

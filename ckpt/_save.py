@@ -75,7 +75,7 @@ class SaveResult:
     seconds: float
 
 
-def _resolve_compression(store: Store, compression: Union[str, None, bool]) -> Optional[str]:
+def resolve_compression(store: Store, compression: Union[str, None, bool]) -> Optional[str]:
     if compression == "auto":
         return "zstd" if store.capabilities.compress_by_default else None
     if compression in (None, False, "none"):
@@ -143,7 +143,7 @@ def save(
     store = open_store(url, storage_options=storage_options)
     comm = comm or default_comm()
     rank = comm.rank
-    codec = _resolve_compression(store, compression)
+    codec = resolve_compression(store, compression)
     threads = io_threads or min(4, os.cpu_count() or 1)
     rules_obj = resolve_rules(rules)
 
@@ -294,7 +294,7 @@ def _is_whole(local_name: str, m: TensorMapping) -> bool:
     return p.name == local_name and p.local == p.region and tuple(m.global_shapes[p.name]) == tuple(m.local_shape)
 
 
-def _storage_order(split_dim: Optional[int], ndim: int) -> Optional[tuple[int, ...]]:
+def storage_order(split_dim: Optional[int], ndim: int) -> Optional[tuple[int, ...]]:
     """Store the split dimension outermost, so re-slicing it later is one contiguous range."""
     if split_dim is None or split_dim == 0 or ndim < 2:
         return None
@@ -315,7 +315,7 @@ def _piece_data(t: torch.Tensor, piece: Piece, region: Box, order: Optional[tupl
     return host_contiguous(src)
 
 
-def _encode_chunk(view: np.ndarray, itemsize: int, codec: Optional[str], level: int, algorithm: str) -> tuple[Any, dict]:
+def encode_chunk(view: np.ndarray, itemsize: int, codec: Optional[str], level: int, algorithm: str) -> tuple[Any, dict]:
     """Encode one chunk; returns (stored buffer, its JSON fields besides position)."""
     chain = default_chain(itemsize, compression=codec, level=level)
     encoded = chain.encode(memoryview(view))
@@ -352,7 +352,7 @@ def _write_items(
     for item in items:
         t = tensors[item.local_name]
         piece = mappings[item.local_name].pieces[item.piece]
-        order = _storage_order(item.split_dim, item.region.ndim)
+        order = storage_order(item.split_dim, item.region.ndim)
         data = _piece_data(t, piece, item.region, order)
         itemsize = data.element_size()
         flat = byte_view(data)
@@ -372,7 +372,7 @@ def _write_items(
         buffers, records, offset = [], [], 0
         for i in members:
             name, box, order, itemsize, view = chunk_items[i]
-            encoded, fields = _encode_chunk(view, itemsize, codec, level, algorithm)
+            encoded, fields = encode_chunk(view, itemsize, codec, level, algorithm)
             length = memoryview(encoded).nbytes
             rec = {"offsets": list(box.offsets), "sizes": list(box.sizes), "object": obj,
                    "byte_offset": offset, "byte_length": length, **fields}

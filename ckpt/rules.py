@@ -40,7 +40,7 @@ from ckpt._rules_base import (
     _as_tuple,
     _bad,
     _describe,
-    _rx,
+    compiled_pattern,
 )
 from ckpt._rules_kinds import (
     Fused,
@@ -138,7 +138,7 @@ class Rules:
 
     def matching(self, global_name: str) -> list[tuple[int, ShardRule]]:
         """``(index, rule)`` of every shard rule whose pattern fullmatches ``global_name``."""
-        return [(i, r) for i, r in enumerate(self.shards) if _rx(r.pattern).fullmatch(global_name)]
+        return [(i, r) for i, r in enumerate(self.shards) if compiled_pattern(r.pattern).fullmatch(global_name)]
 
     def resolve(
         self,

@@ -62,14 +62,14 @@ def _load_rules(rules: Any) -> Any:
 def _local_for(rules: Any, name: str, shape: tuple[int, ...], lay: Layout) -> Union[None, str, tuple[str, tuple[int, ...], Optional[tuple[int, ...]]]]:
     """``(local name, local shape, global shape hint)`` at ``lay``; None if the rank holds none;
     a string saying why when the rules cannot place it."""
-    from ckpt._rules_base import _chunk, _rx
+    from ckpt._rules_base import even_chunk, compiled_pattern
     from ckpt._rules_kinds import Fused, Pipeline, Replicated, Sharded, Split, Vocab, padded_vocab_size
 
     local = name
     for rule in reversed(rules.renames):
         if not isinstance(rule, Pipeline):
             continue
-        m = _rx(rule.pattern).fullmatch(local)
+        m = compiled_pattern(rule.pattern).fullmatch(local)
         if m is None or not (m.group("layer") or "").isdigit():
             continue
         stage, index = rule.locate(int(m.group("layer")), lay.size(rule.axis))
@@ -98,7 +98,7 @@ def _local_for(rules: Any, name: str, shape: tuple[int, ...], lay: Layout) -> Un
                 f"tensor {name!r}: dim {rule.dim} of size {shape[rule.dim]} does not split evenly over {rule.axis}={n} "
                 f"(rule {rule.describe()}); give the rule a global_size for an uneven split"
             )
-        size = _chunk(rule.global_size, n, c)[1] if rule.global_size is not None else shape[rule.dim] // n
+        size = even_chunk(rule.global_size, n, c)[1] if rule.global_size is not None else shape[rule.dim] // n
         return local, with_dim(rule.dim, size), None
     if isinstance(rule, Fused) and rule.dim < len(shape):
         n, _ = n_c(rule.axis)
@@ -113,7 +113,7 @@ def _local_for(rules: Any, name: str, shape: tuple[int, ...], lay: Layout) -> Un
         for axis, p in zip(rule.mesh, rule.placements):
             if p[0] == "shard" and p[1] < len(sizes):
                 n, c = n_c(axis)
-                sizes[p[1]] = _chunk(sizes[p[1]], n, c)[1]
+                sizes[p[1]] = even_chunk(sizes[p[1]], n, c)[1]
         return local, tuple(sizes), shape
     return f"its rule ({rule.kind}) has no per-tensor local shape"
 
@@ -125,7 +125,7 @@ def layout_regions(layout: Any, rules: Any, infos: Sequence[TensorInfo], warning
         RulesError / PlanError: the rules do not fit the tensors (every problem listed).
     """
     from ckpt._reshard import plan_save
-    from ckpt._save import _storage_order
+    from ckpt._save import storage_order
     from ckpt._sharding import layout_json
 
     if isinstance(layout, str):
@@ -155,7 +155,7 @@ def layout_regions(layout: Any, rules: Any, infos: Sequence[TensorInfo], warning
     regions: dict[str, set[tuple[Box, Optional[tuple[int, ...]]]]] = {}
     for items in plan.writes:
         for item in items:
-            regions.setdefault(item.name, set()).add((item.region, _storage_order(item.split_dim, item.region.ndim)))
+            regions.setdefault(item.name, set()).add((item.region, storage_order(item.split_dim, item.region.ndim)))
     for name, shape in plan.global_shapes.items():
         if name in shapes and tuple(shape) != shapes[name]:
             raise ValueError(f"tensor {name!r}: the rules give global shape {list(shape)} at {layout.describe()}, the checkpoint has {list(shapes[name])}")

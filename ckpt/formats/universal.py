@@ -6,7 +6,7 @@ checksum, so memory is that tensor plus per-chunk read buffers.
 
 Writing streams: each tensor is cut into chunks of at most ``CHUNK_BYTES`` (split dimension
 outermost when a layout cuts it), encoded and checksummed exactly as ``ckpt.save`` does
-(``ckpt._save._encode_chunk``: crc32c per chunk and per 256 KiB block; byteshuffle + zstd on
+(``ckpt._save.encode_chunk``: crc32c per chunk and per 256 KiB block; byteshuffle + zstd on
 object stores by default), and put under a fresh save prefix as it arrives: chunks of
 ``PACK_MIN`` bytes or more become objects of their own (written in parallel, from the tensor's
 memory), smaller ones are copied into a pack object flushed at ``PACK_BYTES``. ``commit``
@@ -138,7 +138,7 @@ class UniversalWriter(Writer):
     # -- setup ------------------------------------------------------------------------------
     def begin(self, tensors: Sequence[TensorInfo]) -> None:
         from ckpt import _commit
-        from ckpt._save import _resolve_compression
+        from ckpt._save import resolve_compression
 
         super().begin(tensors)
         step = self.step if self.step is not None else (self._origin.step or 0)
@@ -147,7 +147,7 @@ class UniversalWriter(Writer):
                 f"{self.store.url}: step {step} is already committed there; conversions never supersede a "
                 "committed step (pass another step, e.g. --step)"
             )
-        self._codec = _resolve_compression(self.store, self.compression)
+        self._codec = resolve_compression(self.store, self.compression)
         self._created = time.time_ns()
         self._ref = SaveRef(step, new_save_id(self._created, secrets.randbits(32)))
         self._chunks = {t.name: [] for t in tensors}
@@ -193,19 +193,19 @@ class UniversalWriter(Writer):
                 self._record(*fut.result())
 
     def _chunk(self, name: str, box: Box, order: Optional[tuple[int, ...]], itemsize: int, view: Any) -> Optional[Future]:
-        from ckpt._save import _encode_chunk
+        from ckpt._save import encode_chunk
 
         level = ZSTD_LEVEL
         if view.nbytes >= PACK_MIN:
             obj = self._new_object()
 
             def put() -> tuple[str, dict]:
-                encoded, fields = _encode_chunk(view, itemsize, self._codec, level, "crc32c")
+                encoded, fields = encode_chunk(view, itemsize, self._codec, level, "crc32c")
                 self.store.put(self._ref.data_prefix + obj, [encoded])  # type: ignore[union-attr]
                 return name, _record(box, order, obj, 0, memoryview(encoded).nbytes, fields)
 
             return self._pool.submit(put)  # type: ignore[union-attr]
-        encoded, fields = _encode_chunk(view, itemsize, self._codec, level, "crc32c")
+        encoded, fields = encode_chunk(view, itemsize, self._codec, level, "crc32c")
         length = memoryview(encoded).nbytes
         self._pack_records.append((name, _record(box, order, "", len(self._pack), length, fields)))
         self._pack += memoryview(encoded).cast("B")

@@ -385,7 +385,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=6, help="unmeasured steps per mode (enough to fill every slot once)")
     parser.add_argument("--step-over-copy", type=float, default=4.0, help="target step time / plain copy time")
     parser.add_argument("--modes", default="none,bare_copy,snapshot,snapshot_yield,snapshot_shm,hook,hook_yield,dcp_async,torch_save")
-    parser.add_argument("--sweep", default="", help="also run none,bare_copy,snapshot,hook at these step/copy ratios, e.g. 2,4,8,16")
+    parser.add_argument("--sweep", default="", help="also run none and those of bare_copy,snapshot,snapshot_yield,hook,hook_yield in --modes at these step/copy ratios, e.g. 2,4,8,16")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all modes (median per mode)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads for training (0: torch's default)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -465,7 +465,7 @@ def main() -> None:
 
     sweep: list[dict[str, Any]] = []
     if args.sweep:
-        curve_modes = [m for m in ("none", "bare_copy", "snapshot", "hook") if m in args.modes.split(",") or m == "none"]
+        curve_modes = [m for m in ("none", "bare_copy", "snapshot", "snapshot_yield", "hook", "hook_yield") if m in args.modes.split(",") or m == "none"]
         for want in (float(v) for v in args.sweep.split(",")):
             b = calibrate(model, opt, want, copy_s)
             res = measure(model, opt, b, curve_modes, args)
