@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ckpt._state import flatten
-from ckpt._tensors import byte_view, dtype_name, host_contiguous
+from ckpt._tensors import byte_view, host_contiguous
 from ckpt.codecs import Hasher, checksum
 from ckpt.snapshot._buffers import InProcessBuffers, SnapshotBuffers
 from ckpt.snapshot._yield import CoreYield
@@ -334,13 +334,14 @@ class SnapshotEngine:
         self._surface_at_snapshot()
         flat = flatten(self._state)
         entries, offset, any_cuda = [], 0, False
-        for name, t in flat.tensors.items():
-            t = t.detach()
+        flags = self._flags
+        for name, t in flat.tensors.items():  # (flatten checked the dtypes)
+            if t.requires_grad:
+                t = t.detach()
             nbytes = t.numel() * t.element_size()
-            cuda = t.device.type == "cuda"
+            cuda = t.is_cuda
             any_cuda |= cuda
-            dtype_name(t.dtype, where=f"tensor {name!r}")
-            entries.append(_Entry(name, t, offset, nbytes, t.dtype, tuple(t.shape), _storage_key(t), cuda, _Flag(self._flags), _Flag(self._flags)))
+            entries.append(_Entry(name, t, offset, nbytes, t.dtype, tuple(t.shape), _storage_key(t), cuda, _Flag(flags), _Flag(flags)))
             offset += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
         ready = None
         if any_cuda:

@@ -510,6 +510,9 @@ def test_bad_arguments() -> None:
         engine._state = {"x": object()}
         with pytest.raises(UnsupportedStateError):
             engine.snapshot(0)
+        engine._state = {"q": torch.empty(4, dtype=torch.bits8)}
+        with pytest.raises(UnsupportedStateError, match="q"):
+            engine.snapshot(1)
 
 
 def test_restore_mismatch_lists_problems() -> None:
