@@ -33,6 +33,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
+from agents._ports import pick_store_port
 from ckpt.snapshot._shm import PERSIST_NAME, TABLE_NAME, SharedSnapshot, create_segment, pid_alive, read_pid, read_table, segment_prefix
 
 __all__ = ["AgentConfig", "Agent", "pid_alive"]
@@ -358,13 +359,33 @@ class Agent:
 
     # ------------------------------------------------------------ the agents' store
     def open_store(self, host: str, port: int) -> int:
-        """Rank 0: host the ``TCPStore`` the agents persist through (``port`` 0: any free
-        port; an open store is kept); return its port."""
+        """Rank 0: host the ``TCPStore`` the agents persist through (``port`` 0: a free port
+        outside the kernel's ephemeral range, see ``agents._ports``; an open store is kept);
+        return its port.
+
+        Raises:
+            OSError: ``port`` is taken (the message names it).
+        """
         import torch.distributed as dist
+
+        def listen(p: int) -> Any:
+            return dist.TCPStore(host, p, None, True, timeout=timedelta(seconds=60), wait_for_workers=False)
 
         with self._lock:
             if self._store is None:
-                self._store = dist.TCPStore(host, port, None, True, timeout=timedelta(seconds=60), wait_for_workers=False)
+                if port:
+                    try:
+                        self._store = listen(port)
+                    except (RuntimeError, OSError) as e:  # torch raises DistNetworkError (a RuntimeError)
+                        raise OSError(f"cannot host the agents' store on port {port}: {e}; free that port or pass another store_port") from e
+                else:
+                    for attempt in range(3):  # another process may take a picked port before we bind it
+                        try:
+                            self._store = listen(pick_store_port())
+                            break
+                        except (RuntimeError, OSError):
+                            if attempt == 2:
+                                self._store = listen(0)
                 log.info("rank %d: agents' store listening on port %d", self.cfg.rank, self._store.port)
             return int(self._store.port)
 

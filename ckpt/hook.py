@@ -124,6 +124,9 @@ class CheckpointHook:
         store_host: the address other hosts reach rank 0's agent store at (default:
             ``MASTER_ADDR``, else this host's name); used with more than one rank.
         persist_timeout_s: how long one agent-side save waits for the slowest agent.
+        store_port: the port rank 0's agent hosts that store on (default: a free port outside
+            the kernel's ephemeral range, kept when the agent restarts); set it where a
+            firewall allows only chosen ports.
 
     The constructor only assigns; ``start()`` (called by ``restore``/``step`` or ``with``) starts
     the agent and the engine; with more than one rank it is a collective (every rank calls it).
@@ -148,11 +151,14 @@ class CheckpointHook:
         group: Any = None,
         store_host: Optional[str] = None,
         persist_timeout_s: float = 300.0,
+        store_port: int = 0,
     ) -> None:
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, not {snapshot_every}")
         if persist_every < 0:
             raise ValueError(f"persist_every must be >= 0, not {persist_every}")
+        if not 0 <= store_port <= 65535:
+            raise ValueError(f"store_port must be a TCP port (1-65535) or 0 for a free one, not {store_port}")
         self.state = state
         self.storage = str(storage)
         self.run_dir = run_dir
@@ -176,7 +182,7 @@ class CheckpointHook:
         self._agent: Optional[AgentClient] = None  # set by start()
         self._comm: Any = None  # the trainers' collectives (start/restore only), None alone
         self._job: dict[str, Any] = {}  # how the agents persist: see _setup_job
-        self._store_port = 0
+        self._store_port = store_port  # the first one asked for; then the one it got
         self._engine_token: Optional[object] = None  # on_complete of an older engine is ignored
         # publication state, owned by the copier thread's on_complete (under _lock)
         self._lock = threading.Lock()
@@ -286,11 +292,8 @@ class CheckpointHook:
     def _open_agent_store(self) -> int:
         """Rank 0: have the agent host the agents' ``TCPStore`` (on the port it used before, if
         any: the other agents know that one); return its port."""
-        port = int(self._request({"op": "store", "host": self._store_host(), "port": self._store_port})["port"])
-        if self._store_port and port != self._store_port:
-            log.error("rank 0: agent store moved from port %d to %d; the other agents will not find it", self._store_port, port)
-        self._store_port = port
-        return port
+        self._store_port = int(self._request({"op": "store", "host": self._store_host(), "port": self._store_port})["port"])
+        return self._store_port
 
     def __enter__(self) -> CheckpointHook:
         return self.start()

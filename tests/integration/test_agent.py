@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from ckpt.snapshot._shm import pid_alive
@@ -279,3 +280,25 @@ def test_agents_persist_together_and_abandon_a_step_one_of_them_never_got(tmp_pa
     _, manifest = ckpt.open_manifest(store_url)
     assert manifest.world_size == 2 and "rank00001/rng.seed" in manifest.tensors
     assert agents[0]._persisted == agents[1]._persisted == 8
+
+
+def test_agent_store_port_is_outside_the_ephemeral_range_and_a_taken_one_is_named(tmp_path: Path) -> None:
+    """Rank 0's agent hosts the agents' store on a port the kernel does not hand out to outgoing
+    connections (so it is still free when a restarted agent asks for it again); a port that is
+    taken gets an error naming it, not another port the other agents would not know."""
+    from agents._agent import Agent, AgentConfig
+    from agents._ports import ephemeral_range
+
+    agent = Agent(AgentConfig(run_dir=str(tmp_path / "run0")))
+    port = agent.open_store("127.0.0.1", 0)
+    lo, hi = ephemeral_range()
+    assert not lo <= port <= hi
+    assert agent.open_store("127.0.0.1", 0) == port  # an open store is kept
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        other = Agent(AgentConfig(run_dir=str(tmp_path / "run1")))
+        busy = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"port {busy}.*store_port"):
+            other.open_store("127.0.0.1", busy)
