@@ -6,7 +6,9 @@
   per-rank global RNG, captured by the hook); ``tp``: a hand-written tensor-parallel MLP
   (``fc1`` column-split, ``fc2`` row-split, its bias replicated; the same batch on every rank),
   saved with ``Split``/``Replicated`` rules over a ``tp`` layout axis; ``dtensor``: parameters
-  are DTensors ``Shard(0)`` on a ``("dp",)`` mesh (no rules: their placements map them).
+  are DTensors ``Shard(0)`` on a ``("dp",)`` mesh (no rules: their placements map them);
+  ``fsdp``: the MLP under ``torch.distributed.fsdp.fully_shard`` (FSDP2) on a CPU mesh
+  ``("dp",)``, a data stream per rank.
 * ``RDV``: rendezvous directory (rank 0 binds port 0 and publishes it, see ``_gloo_worker``);
   ``RUN_ROOT/rank<R>``: the rank's hook run directory; ``STORAGE``: the checkpoint root.
 * ``OUT``: JSON lines: ``{"restored", "from", "step"}`` first, then ``{"step", "loss"}`` (the
@@ -129,14 +131,25 @@ def build(mode: str, rank: int, world: int) -> tuple[dict[str, Any], Any, Any, A
     elif mode == "dtensor":
         model = DTensorMLP(world)
         rules, layout = None, Layout.grid(dp=world, rank=rank)
+    elif mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, OUT_DIM))
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp",))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        rules, layout = None, Layout.grid(dp=world, rank=rank)
     else:
         model = TPMLP(world, rank)
         rules, layout = tp_rules(model), Layout.grid(tp=world, rank=rank)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
     state = {"model": model, "optim": opt, "sched": sched, "data": {"pos": 0}}
-    # dp: a data stream per rank; tp: the same batches on every rank
-    torch.manual_seed(1 + rank if mode == "dp" else 1)
+    # dp, fsdp: a data stream per rank; tp, dtensor: the same batches on every rank
+    torch.manual_seed(1 + rank if mode in ("dp", "fsdp") else 1)
     return state, model, rules, layout
 
 

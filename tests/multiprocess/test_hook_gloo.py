@@ -280,6 +280,44 @@ def test_dtensor_state_restores_from_memory_and_is_persisted_through_its_placeme
     assert_clean(run_root, pids)
 
 
+def test_fsdp2_fully_shard_restores_from_memory_and_its_checkpoint_loads_unsharded(tmp_path: Path) -> None:
+    """A model under ``torch.distributed.fsdp.fully_shard`` (FSDP2, gloo, CPU mesh), with the
+    hook given the module and optimizer as they are: after a SIGKILL the ranks restore their
+    shards from the agents' memory and go on bit for bit; the agents' checkpoint loads into the
+    same model unsharded in one process, equal to the gathered parameters and AdamW moments."""
+    from torch import nn
+
+    from ckpt.layout import Layout
+
+    last = (STEPS - 1) // EVERY * EVERY
+    run_root = tmp_path / "run"
+    pids: set[int] = set()
+    try:
+        run_root, storage, _, _ = kill_and_restore_from_memory(tmp_path, "fsdp", 2, "--dump-at", last, "--dump", tmp_path / "full{rank}.pt")
+        pids |= set(agent_pids(run_root))
+        wait_persisted(storage, last, agent_logs(run_root))
+        stop_agents(run_root, pids)
+        assert_clean(run_root, pids)
+
+        _, manifest = ckpt.open_manifest(str(storage), step=last)
+        assert list(manifest.tensors["state.model.0.weight"].shape) == [worker.HIDDEN, worker.IN]  # logical
+        net = nn.Sequential(nn.Linear(worker.IN, worker.HIDDEN), nn.GELU(), nn.Linear(worker.HIDDEN, worker.OUT_DIM))
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        net(torch.zeros(1, worker.IN)).sum().backward()
+        opt.step()  # creates the optimizer state the load fills
+        result = ckpt.load({"state": {"model": net, "optim": opt}}, str(storage), step=last, layout=Layout.single(), strict=False)
+        assert result.step == last
+        full = torch.load(tmp_path / "full0.pt", weights_only=True)
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, full[f"model.{k}"]), k
+        for i, st in opt.state_dict()["state"].items():
+            for m in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(st[m], full[f"optim.{i}.{m}"]), f"param {i} {m}"
+    finally:
+        stop_agents(run_root, pids)
+    assert_clean(run_root, pids)
+
+
 def test_agent_of_rank_0_killed_mid_run_is_restarted_and_the_agents_persist_together_again(tmp_path: Path) -> None:
     """SIGKILL rank 0's agent (the host of the agents' store) while the job trains: rank 0's
     hook starts a new agent, which hosts the store again where the other agents look for it;
