@@ -20,8 +20,10 @@ written by the hook; see ``ckpt.snapshot._shm``).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import mmap
 import os
 import queue
 import signal
@@ -34,7 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from agents._ports import pick_store_port
-from ckpt.snapshot._shm import PERSIST_NAME, TABLE_NAME, SharedSnapshot, create_segment, pid_alive, read_pid, read_table, segment_prefix
+from ckpt.snapshot._shm import PERSIST_NAME, TABLE_NAME, SharedMemoryFullError, SharedSnapshot, create_segment, pid_alive, read_pid, read_table, segment_prefix
 
 __all__ = ["AgentConfig", "Agent", "pid_alive"]
 
@@ -54,6 +56,7 @@ class AgentConfig:
     persist_url: Optional[str] = None
     persist_every: int = 0
     poll_s: float = 0.05
+    shm_limit: int = 0  # bytes of shared memory all slots together may hold (0: what /dev/shm has)
 
 
 def decode_tree(node: Any, tensors: dict[str, Any]) -> Any:
@@ -163,6 +166,7 @@ class Agent:
             seg = self._segs.get(slot)
             if seg is not None and seg.size >= nbytes:
                 return seg.name
+            self._check_limit(slot, nbytes)
             if seg is not None:
                 self._segs.pop(slot)
                 try:
@@ -175,6 +179,23 @@ class Agent:
             self._segs[slot] = seg
             log.info("rank %d: slot %d is segment %s (%d bytes)", self.cfg.rank, slot, seg.name, seg.size)
             return seg.name
+
+    def _check_limit(self, slot: int, nbytes: int) -> None:
+        """Refuse a slot that would take the agent's segments past ``shm_limit`` (the slot's old
+        segment, replaced by the new one, does not count)."""
+        limit = self.cfg.shm_limit
+        if not limit:
+            return
+        size = max(1, (nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE)
+        others = sum(s.size for k, s in self._segs.items() if k != slot)
+        if others + size > limit:
+            mib = 2**20
+            raise SharedMemoryFullError(
+                errno.ENOSPC,
+                f"snapshot slot {slot} needs {size / mib:.1f} MiB, but this agent may hold {limit / mib:.1f} MiB of shared "
+                f"memory and its other slots hold {others / mib:.1f} MiB: raise the hook's shm_limit (--shm-limit) or "
+                "snapshot less state",
+            )
 
     def _unlink_all(self) -> None:
         with self._lock:

@@ -41,15 +41,18 @@ class AgentClient:
         timeout_s: how long to wait for the agent to start or answer.
         persist_url, persist_every: where and how often the agent persists (``persist_every``
             0: never; then ``persist_url`` is not passed).
+        shm_limit: bytes of shared memory the agent's slots may hold (0: no limit); applies to
+            an agent this client starts, not to one already running.
     """
 
-    def __init__(self, run_dir: Path, rank: int, *, grace_s: float, timeout_s: float, persist_url: str, persist_every: int) -> None:
+    def __init__(self, run_dir: Path, rank: int, *, grace_s: float, timeout_s: float, persist_url: str, persist_every: int, shm_limit: int = 0) -> None:
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.grace_s = grace_s
         self.timeout_s = timeout_s
         self.persist_url = persist_url
         self.persist_every = persist_every
+        self.shm_limit = shm_limit
         self.process: Optional[subprocess.Popen] = None  # the agent this client started, if any
         self.pid: Optional[int] = None  # the agent found or started by the last ensure()
 
@@ -123,6 +126,8 @@ class AgentClient:
         cmd = [sys.executable, "-m", "agents", "--run-dir", str(self.run_dir), "--rank", str(self.rank), "--grace-s", str(self.grace_s)]
         if self.persist_every:
             cmd += ["--persist-url", self.persist_url, "--persist-every", str(self.persist_every)]
+        if self.shm_limit:
+            cmd += ["--shm-limit", str(self.shm_limit)]
         logf = open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)

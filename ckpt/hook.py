@@ -127,6 +127,10 @@ class CheckpointHook:
         store_port: the port rank 0's agent hosts that store on (default: a free port outside
             the kernel's ephemeral range, kept when the agent restarts); set it where a
             firewall allows only chosen ports.
+        shm_limit: bytes of shared memory this rank's agent may hold for its snapshot slots
+            (0: as much as ``/dev/shm`` has). A slot over the limit is refused like a full
+            ``/dev/shm``: the snapshot fails, is logged, and training goes on (see ``policy``).
+            It applies to an agent the hook starts, not to a running one it reattaches to.
 
     The constructor only assigns; ``start()`` (called by ``restore``/``step`` or ``with``) starts
     the agent and the engine; with more than one rank it is a collective (every rank calls it).
@@ -152,6 +156,7 @@ class CheckpointHook:
         store_host: Optional[str] = None,
         persist_timeout_s: float = 300.0,
         store_port: int = 0,
+        shm_limit: int = 0,
     ) -> None:
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be >= 1, not {snapshot_every}")
@@ -159,6 +164,8 @@ class CheckpointHook:
             raise ValueError(f"persist_every must be >= 0, not {persist_every}")
         if not 0 <= store_port <= 65535:
             raise ValueError(f"store_port must be a TCP port (1-65535) or 0 for a free one, not {store_port}")
+        if shm_limit < 0:
+            raise ValueError(f"shm_limit must be >= 0 bytes (0: no limit), not {shm_limit}")
         self.state = state
         self.storage = str(storage)
         self.run_dir = run_dir
@@ -173,6 +180,7 @@ class CheckpointHook:
         self.group = group
         self.store_host = store_host
         self.persist_timeout_s = persist_timeout_s
+        self.shm_limit = shm_limit
         self.full_state = {"state": state, "rng": RNGState()}
         #: counters: agent_restarts, published, restored_from ("memory", "storage" or None),
         #: restored_step
@@ -224,7 +232,7 @@ class CheckpointHook:
         tmp = self._dir / f".trainer-r{self.rank}.tmp"
         tmp.write_text(str(os.getpid()))
         os.replace(tmp, self._dir / f"trainer-r{self.rank}.pid")
-        self._agent = AgentClient(self._dir, self.rank, grace_s=self.grace_s, timeout_s=self.agent_timeout_s, persist_url=self.storage, persist_every=self.persist_every)
+        self._agent = AgentClient(self._dir, self.rank, grace_s=self.grace_s, timeout_s=self.agent_timeout_s, persist_url=self.storage, persist_every=self.persist_every, shm_limit=self.shm_limit)
         self._ensure_agent()
         self._setup_job()
         self._started = True

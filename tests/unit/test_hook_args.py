@@ -19,6 +19,7 @@ from ckpt.hook import CheckpointHook
         ({"persist_every": -1}, "persist_every must be >= 0"),
         ({"store_port": 70000}, "store_port must be a TCP port"),
         ({"store_port": -1}, "store_port must be a TCP port"),
+        ({"shm_limit": -1}, "shm_limit must be >= 0 bytes"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path: Path, kwargs: dict[str, Any], match: str) -> None:
