@@ -164,6 +164,19 @@ def kill_and_restore_from_memory(tmp_path: Path, mode: str, seed: int, *extra: A
     return run_root, storage, reference, second
 
 
+def persisted_after_restore(tmp_path: Path, mode: str, seed: int, dump: str, pids: set[int]) -> tuple[Path, list[dict[int, str]]]:
+    """``kill_and_restore_from_memory`` with each rank dumping its tensors after the last
+    persist step (to ``tmp_path / dump``, ``{rank}`` in it), then: that step committed by the
+    agents, the agents stopped, nothing left. Returns (storage, reference losses)."""
+    last = (STEPS - 1) // EVERY * EVERY
+    run_root, storage, reference, _ = kill_and_restore_from_memory(tmp_path, mode, seed, "--dump-at", last, "--dump", tmp_path / dump)
+    pids |= set(agent_pids(run_root))
+    wait_persisted(storage, last, agent_logs(run_root))
+    stop_agents(run_root, pids)
+    assert_clean(run_root, pids)
+    return storage, reference
+
+
 # ------------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("seed", [0])
 def test_dp_sigkill_restores_from_agent_memory_bit_exact(tmp_path: Path, seed: int) -> None:
@@ -194,11 +207,7 @@ def test_tp_restores_from_memory_then_from_the_agents_checkpoint_in_any_layout(t
     last = (STEPS - 1) // EVERY * EVERY
     dumps = [tmp_path / f"shards{r}.pt" for r in range(WORLD)]  # each rank's tensors after step `last`
     try:
-        run_root, storage, reference, _ = kill_and_restore_from_memory(tmp_path, "tp", 1, "--dump-at", last, "--dump", tmp_path / "shards{rank}.pt")
-        pids |= set(agent_pids(run_root))
-        wait_persisted(storage, last, agent_logs(run_root))
-        stop_agents(run_root, pids)
-        assert_clean(run_root, pids)
+        storage, reference = persisted_after_restore(tmp_path, "tp", 1, "shards{rank}.pt", pids)
 
         # the agents' checkpoint loads into one process (TP=1): logical = concatenated shards
         full = worker.TPMLP(1, 0)
@@ -250,11 +259,7 @@ def test_dtensor_state_restores_from_memory_and_is_persisted_through_its_placeme
     last = (STEPS - 1) // EVERY * EVERY
     pids: set[int] = set()
     try:
-        run_root, storage, _, job = kill_and_restore_from_memory(tmp_path, "dtensor", 0, "--dump-at", last, "--dump", tmp_path / "full{rank}.pt")
-        pids |= set(agent_pids(run_root))
-        wait_persisted(storage, last, agent_logs(run_root))
-        stop_agents(run_root, pids)
-        assert_clean(run_root, pids)
+        storage, _ = persisted_after_restore(tmp_path, "dtensor", 0, "full{rank}.pt", pids)
 
         _, manifest = ckpt.open_manifest(str(storage), step=last)
         assert manifest.world_size == WORLD
@@ -293,11 +298,7 @@ def test_fsdp2_fully_shard_restores_from_memory_and_its_checkpoint_loads_unshard
     run_root = tmp_path / "run"
     pids: set[int] = set()
     try:
-        run_root, storage, _, _ = kill_and_restore_from_memory(tmp_path, "fsdp", 2, "--dump-at", last, "--dump", tmp_path / "full{rank}.pt")
-        pids |= set(agent_pids(run_root))
-        wait_persisted(storage, last, agent_logs(run_root))
-        stop_agents(run_root, pids)
-        assert_clean(run_root, pids)
+        storage, _ = persisted_after_restore(tmp_path, "fsdp", 2, "full{rank}.pt", pids)
 
         _, manifest = ckpt.open_manifest(str(storage), step=last)
         assert list(manifest.tensors["state.model.0.weight"].shape) == [worker.HIDDEN, worker.IN]  # logical
