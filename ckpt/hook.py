@@ -49,7 +49,8 @@ import torch
 
 from ckpt._agent_client import AgentClient, AgentUnavailableError
 from ckpt._hook_load import _walk
-from ckpt.snapshot._engine import Snapshot, SnapshotEngine, SnapshotPolicy
+from ckpt.snapshot._engine import SnapshotEngine
+from ckpt.snapshot._records import Snapshot, SnapshotPolicy
 from ckpt.snapshot._restore import restore_from_snapshot
 from ckpt.snapshot._shm import (
     PERSIST_NAME,

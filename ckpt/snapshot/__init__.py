@@ -18,7 +18,8 @@ Example::
 """
 
 from ckpt.snapshot._buffers import InProcessBuffers, PinnedBuffers, SnapshotBuffers
-from ckpt.snapshot._engine import CopyFn, Snapshot, SnapshotEngine, SnapshotFailedError, SnapshotPolicy
+from ckpt.snapshot._engine import CopyFn, SnapshotEngine
+from ckpt.snapshot._records import Snapshot, SnapshotFailedError, SnapshotPolicy
 from ckpt.snapshot._restore import SnapshotCorruptError, restore_from_snapshot
 
 __all__ = [

@@ -24,7 +24,6 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -34,6 +33,7 @@ from ckpt._state import flatten
 from ckpt._tensors import byte_view, host_contiguous
 from ckpt.codecs import Hasher, checksum
 from ckpt.snapshot._buffers import InProcessBuffers, SnapshotBuffers
+from ckpt.snapshot._records import Entry, Flag, Job, Slot, Snapshot, SnapshotFailedError, SnapshotPolicy, storage_key
 from ckpt.snapshot._yield import CoreYield
 
 __all__ = ["SnapshotPolicy", "SnapshotEngine", "Snapshot", "SnapshotFailedError", "CopyFn"]
@@ -45,168 +45,6 @@ CopyFn = Callable[[np.ndarray, np.ndarray], None]
 
 _BLOCK = 1 << 18  # host copies go block by block: each block checksummed, then copied from cache
 _ALIGN = 64  # every tensor starts on a 64-byte boundary of its slot (any dtype view fits)
-
-
-class SnapshotFailedError(RuntimeError):
-    """Snapshots failed ``max_failures`` times in a row (the last error is the ``__cause__``)."""
-
-
-@dataclass(frozen=True)
-class SnapshotPolicy:
-    """What the engine does under pressure.
-
-    Attributes:
-        backpressure: ``"skip"`` (log and skip the snapshot) or ``"wait"`` (block ``snapshot()``
-            until a slot frees, at most ``wait_timeout_s``, then skip) when no slot is free.
-        wait_timeout_s: the longest ``"wait"`` blocks; ``None`` waits as long as it takes.
-        max_failures: ``snapshot()`` raises ``SnapshotFailedError`` when this many snapshots in
-            a row failed in the copier; fewer are logged once each.
-        checksum: the algorithm of the per-tensor checksums (``"xxh3_64"``: about twice as fast
-            as CRC32C here, and every core-second the copier spends is taken from training;
-            these checksums guard memory only, a persisted checkpoint gets its own).
-        yield_threads: how many of torch's intra-op threads the training thread gives up while
-            a snapshot's host copy runs, so the copier has a core (see ``_yield``): 0 (the
-            default) never; ``None`` (auto) 1 when torch trains on every core available. They
-            come back at the first gradient accumulation, guarded forward or optimizer step
-            after the copy, or at ``wait()``/``close()`` (a ``torch.set_num_threads`` of yours
-            in between is overwritten then). Off by default: CPU kernels may round differently
-            with another thread count, and when the threads come back depends on timing, so
-            CPU training with it is no longer bit-reproducible run to run.
-    """
-
-    backpressure: str = "skip"
-    wait_timeout_s: Optional[float] = None
-    max_failures: int = 3
-    checksum: str = "xxh3_64"
-    yield_threads: Optional[int] = 0
-
-    def __post_init__(self) -> None:
-        if self.backpressure not in ("skip", "wait"):
-            raise ValueError(f"backpressure must be 'skip' or 'wait', not {self.backpressure!r}")
-        if self.max_failures < 1:
-            raise ValueError(f"max_failures must be >= 1, not {self.max_failures}")
-        if self.wait_timeout_s is not None and self.wait_timeout_s < 0:
-            raise ValueError(f"wait_timeout_s must be >= 0 or None, not {self.wait_timeout_s}")
-        if self.yield_threads is not None and (type(self.yield_threads) is not int or self.yield_threads < 0):
-            raise ValueError(f"yield_threads must be an int >= 0 or None (auto), not {self.yield_threads!r}")
-
-
-class _Flag:
-    """A one-way flag like ``threading.Event``, but all flags of an engine share one condition:
-    a snapshot has a done (and an issued) flag per tensor, and creating two Events per tensor
-    per step was most of the time ``snapshot()`` took (~10 us each)."""
-
-    __slots__ = ("_cond", "_set")
-
-    def __init__(self, cond: threading.Condition) -> None:
-        self._cond = cond
-        self._set = False
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def set(self) -> None:
-        with self._cond:
-            self._set = True
-            self._cond.notify_all()  # cheap with nobody waiting, the usual case
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        if self._set:
-            return True
-        with self._cond:
-            return self._cond.wait_for(lambda: self._set, timeout)
-
-
-@dataclass(eq=False)
-class _Entry:
-    name: str
-    src: Optional[torch.Tensor]  # dropped once copied, so the engine keeps no tensor alive
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    key: int  # the source's storage address: tensors sharing storage share a key
-    cuda: bool
-    done: _Flag
-    issued: _Flag  # CUDA: copy enqueued
-    cuda_event: Any = None
-
-
-@dataclass(eq=False)
-class _Slot:
-    index: int
-    status: str = "free"  # free | busy | complete | stale (complete, superseded, still pinned)
-    pins: int = 0
-    job: Optional["_Job"] = None
-
-
-@dataclass(eq=False)
-class _Job:
-    step: int
-    slot: _Slot
-    entries: list[_Entry]
-    total: int
-    tree: Any
-    ndarrays: frozenset[str]
-    ready_event: Any = None  # CUDA event on the compute stream at snapshot()
-    checksums: dict[str, str] = field(default_factory=dict)
-    buffer: Optional[np.ndarray] = None
-    finished: threading.Event = field(default_factory=threading.Event)
-    host_pending: bool = False  # counted in the engine's pending host copies
-
-
-class Snapshot:
-    """A complete snapshot, pinned in its slot until ``release()`` (or the ``with`` block ends).
-
-    Attributes:
-        step: the training step it was taken at.
-        tree: the state's JSON tree (plain values as of ``snapshot(step)``).
-        buffers: ``{tensor name: uint8 array}``, views into the slot.
-        checksums: ``{tensor name: hex checksum}`` of those bytes.
-        algorithm: the checksum algorithm.
-        dtypes, shapes: each tensor's dtype and shape.
-    """
-
-    def __init__(self, job: _Job, algorithm: str, release: Callable[[], None]) -> None:
-        assert job.buffer is not None
-        self.step = job.step
-        self.tree = job.tree
-        self.ndarrays = job.ndarrays
-        self.algorithm = algorithm
-        self.buffers = {e.name: job.buffer[e.offset : e.offset + e.nbytes] for e in job.entries}
-        self.checksums = dict(job.checksums)
-        self.dtypes = {e.name: e.dtype for e in job.entries}
-        self.shapes = {e.name: e.shape for e in job.entries}
-        self._release = release
-        self._released = False
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as a CPU tensor viewing the slot (valid until ``release()``)."""
-        raw = torch.from_numpy(self.buffers[name])
-        return raw.view(self.dtypes[name]).view(self.shapes[name]) if raw.numel() else torch.empty(self.shapes[name], dtype=self.dtypes[name])
-
-    def verify(self) -> list[str]:
-        """Names of the tensors whose bytes no longer match their checksum."""
-        return [n for n, b in self.buffers.items() if checksum(self.algorithm, b) != self.checksums[n]]
-
-    def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self.buffers = {}
-            self._release()
-
-    def __enter__(self) -> Snapshot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    try:
-        return int(t.untyped_storage().data_ptr())
-    except Exception:  # a tensor without storage: key by identity
-        return id(t)
 
 
 class SnapshotEngine:
@@ -244,12 +82,12 @@ class SnapshotEngine:
         self._buffers = buffers if buffers is not None else InProcessBuffers()
         self.policy = policy if policy is not None else SnapshotPolicy()
         self._copy_fn: CopyFn = copy_fn if copy_fn is not None else np.copyto
-        self._slots = [_Slot(i) for i in range(slots)]
+        self._slots = [Slot(i) for i in range(slots)]
         self._cond = threading.Condition()
-        self._flags = threading.Condition()  # the tensors' done/issued flags (see _Flag)
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._inflight: list[_Job] = []
-        self._latest: Optional[_Slot] = None
+        self._flags = threading.Condition()  # the tensors' done/issued flags (see Flag)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._inflight: list[Job] = []
+        self._latest: Optional[Slot] = None
         self._error: Optional[BaseException] = None
         self._failures = 0
         self._thread: Optional[threading.Thread] = None
@@ -341,7 +179,7 @@ class SnapshotEngine:
             nbytes = t.numel() * t.element_size()
             cuda = t.is_cuda
             any_cuda |= cuda
-            entries.append(_Entry(name, t, offset, nbytes, t.dtype, tuple(t.shape), _storage_key(t), cuda, _Flag(flags), _Flag(flags)))
+            entries.append(Entry(name, t, offset, nbytes, t.dtype, tuple(t.shape), storage_key(t), cuda, Flag(flags), Flag(flags)))
             offset += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
         ready = None
         if any_cuda:
@@ -361,7 +199,7 @@ class SnapshotEngine:
                 self.stats["skipped"] += 1
                 log.warning("snapshot of step %d skipped: both snapshot buffers are busy (policy %s)", step, self.policy.backpressure)
                 return False
-            job = _Job(step, slot, entries, offset, flat.tree, frozenset(flat.ndarrays), ready)
+            job = Job(step, slot, entries, offset, flat.tree, frozenset(flat.ndarrays), ready)
             job.host_pending = any(not e.cuda for e in entries)
             self._host_pending += job.host_pending
             slot.status, slot.job = "busy", job
@@ -374,14 +212,14 @@ class SnapshotEngine:
             self.stats["yielded"] = self._yield.lowered_count
         return True
 
-    def _host_done(self, job: _Job) -> None:
+    def _host_done(self, job: Job) -> None:
         """The copier finished ``job``'s host copies (or gave up on them)."""
         with self._cond:
             if job.host_pending:
                 job.host_pending = False
                 self._host_pending -= 1
 
-    def _free_slot(self) -> Optional[_Slot]:
+    def _free_slot(self) -> Optional[Slot]:
         return next((s for s in self._slots if s.status == "free"), None)
 
     def _surface_at_snapshot(self) -> None:
@@ -423,7 +261,7 @@ class SnapshotEngine:
         """Block until no snapshot in flight still has to read ``tensors`` (or anything sharing
         their storage), so they may be written. Returns at once when none does. For CUDA tensors
         the current stream is made to wait for the copy instead of the host."""
-        self._wait_keys({_storage_key(t) for t in tensors}, timeout)
+        self._wait_keys({storage_key(t) for t in tensors}, timeout)
 
     def _wait_keys(self, keys: set[int], timeout: Optional[float]) -> None:
         with self._cond:
@@ -463,9 +301,9 @@ class SnapshotEngine:
                 if not self._inflight:  # nothing in flight: no cost beyond this test
                     self._yield.restore_if(self._host_pending)
                     return
-                keys = {_storage_key(p) for g in opt.param_groups for p in g["params"]}
+                keys = {storage_key(p) for g in opt.param_groups for p in g["params"]}
                 for st in opt.state.values():
-                    keys.update(_storage_key(v) for v in st.values() if isinstance(v, torch.Tensor))
+                    keys.update(storage_key(v) for v in st.values() if isinstance(v, torch.Tensor))
                 self._wait_keys(keys, None)
                 self._yield.restore()  # this optimizer's copies are done; the step needs every core
 
@@ -480,7 +318,7 @@ class SnapshotEngine:
 
             def mod_hook(mod: torch.nn.Module, args: Any) -> None:
                 if self._inflight:
-                    self._wait_keys({_storage_key(b) for b in mod.buffers()}, None)
+                    self._wait_keys({storage_key(b) for b in mod.buffers()}, None)
                 self._yield.restore_if(self._host_pending)
 
             handle = obj.register_forward_pre_hook(mod_hook)
@@ -501,7 +339,7 @@ class SnapshotEngine:
             job = slot.job
         return Snapshot(job, self.policy.checksum, lambda: self._unpin(slot))
 
-    def _unpin(self, slot: _Slot) -> None:
+    def _unpin(self, slot: Slot) -> None:
         with self._cond:
             slot.pins -= 1
             if slot.pins == 0 and slot.status == "stale":
@@ -559,7 +397,7 @@ class SnapshotEngine:
             finally:
                 job.finished.set()
 
-    def _copy(self, job: _Job) -> None:
+    def _copy(self, job: Job) -> None:
         buf = self._buffers.allocate(job.slot.index, job.total)
         job.buffer = buf
         cuda_entries = [e for e in job.entries if e.cuda]
@@ -604,7 +442,7 @@ class SnapshotEngine:
         self.stats["copied_bytes"] += sum(e.nbytes for e in job.entries if not e.cuda)
         self.stats["checksum_s"] += hash_s
 
-    def _issue_cuda(self, job: _Job, entries: Iterable[_Entry]) -> None:
+    def _issue_cuda(self, job: Job, entries: Iterable[Entry]) -> None:
         """Enqueue the device-to-host copies on the side stream, after the compute stream's
         ``ready_event``; each gets its own event that guards make the compute stream wait on."""
         if self._side_stream is None:

@@ -10,7 +10,7 @@ import torch
 from ckpt._state import _is_dtensor, init_optimizer_state, optimizers_in, plan_restore, raise_problems
 from ckpt._tensors import byte_view, dtype_name
 from ckpt.metadata import TensorMeta
-from ckpt.snapshot._engine import Snapshot
+from ckpt.snapshot._records import Snapshot
 
 __all__ = ["restore_from_snapshot", "SnapshotCorruptError"]
 
