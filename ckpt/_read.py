@@ -1,6 +1,6 @@
 """Executing a load plan: ranged reads, checksum verification, copies into target tensors.
 
-The planner (``ckpt._reshard.plan_load``) decides which byte ranges to fetch and where each
+The planner (``ckpt._plan_load.plan_load``) decides which byte ranges to fetch and where each
 element goes; this module does the I/O. Work is grouped by stored chunk and spread over a
 thread pool (reads, CRC32C and zstd release the GIL). A chunk that maps whole onto a contiguous
 part of a target tensor is read straight into the tensor's memory and checksummed piece by
@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from ckpt._reshard import CopyOp, LoadPlan, ReadOp, StoredChunk, plan_load
+from ckpt._plan_load import CopyOp, LoadPlan, ReadOp, StoredChunk, plan_load
 from ckpt._tensors import byte_view
 from ckpt.codecs import CodecChain, Hasher, checksum
 from ckpt.errors import ChunkFailure, CodecError, CorruptChunkError, ObjectNotFoundError, StoreError

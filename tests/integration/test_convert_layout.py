@@ -20,7 +20,7 @@ import torch
 import ckpt
 from ckpt._comm import ThreadGroup
 from ckpt._read import stored_chunks
-from ckpt._reshard import plan_load
+from ckpt._plan_load import plan_load
 from ckpt.convert import convert
 from ckpt.layout import Layout
 from ckpt.rules import Fused, Pipeline, Replicated, Rules, Split, Vocab

@@ -21,15 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpt import _boxsets
-from ckpt._reshard import (
-    LoadPlan,
-    PlanError,
-    SavePlan,
-    StoredChunk,
-    WriteItem,
-    plan_load,
-    plan_save,
-)
+from ckpt._plan_load import LoadPlan, StoredChunk, plan_load
+from ckpt._reshard import PlanError, SavePlan, WriteItem, plan_save
 from ckpt.errors import CheckpointError
 from ckpt.mapping import Piece, TensorMapping
 from ckpt.metadata import DTYPE_ITEMSIZE
