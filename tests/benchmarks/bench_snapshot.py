@@ -78,20 +78,21 @@ def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     return n
 
 
-def copy_bandwidths(model: torch.nn.Module, opt: torch.optim.Optimizer, nbytes: int, runs: int = 7) -> tuple[float, float, int]:
+def copy_bandwidths(model: torch.nn.Module, opt: torch.optim.Optimizer, nbytes: int, runs: int = 7, buffers: Any = None) -> tuple[float, float, int]:
     """With training idle, alternately: the engine's copy of the state into its reused slots
     (copy and checksum: the checksum reads each block first, so the copy alone reads from the
     cache and is not a fair figure on its own) and a plain ``numpy.copyto`` between two reused,
     pre-faulted buffers of the same total size. Returns the median seconds of each and the bytes
     the engine copied per snapshot. Alternating keeps background load on a shared machine from
-    favouring one side."""
+    favouring one side. ``buffers``: the engine's slots (default: in-process buffers; pass
+    ``_LocalSegments()`` for ``/dev/shm`` segments like the agent's)."""
     a = np.empty(nbytes, dtype=np.uint8)
     b = np.empty(nbytes, dtype=np.uint8)
     prefault(a)
     a[:] = 1
     prefault(b)
     ours, plain, copied = [], [], 0
-    with SnapshotEngine({"model": model, "optim": opt}) as engine:
+    with SnapshotEngine({"model": model, "optim": opt}, buffers=buffers) as engine:
         for i in range(runs + 2):  # the first two fill (allocate and pre-fault) both slots
             before = engine.stats["copy_s"] + engine.stats["checksum_s"], engine.stats["copied_bytes"]
             engine.snapshot(i)
@@ -413,6 +414,11 @@ def main() -> None:
     batch = calibrate(model, opt, args.step_over_copy, copy_s)
     results = measure(model, opt, batch, args.modes.split(","), args)
     idle_s, copy_s, idle_bytes = copy_bandwidths(model, opt, nbytes)
+    segments = _LocalSegments()
+    try:  # into /dev/shm segments, the agent's kind of buffer (the issue's target)
+        shm_s, shm_plain_s, _ = copy_bandwidths(model, opt, nbytes, buffers=segments)
+    finally:
+        segments.unlink_all()
 
     none = results.get("none", {}).get("steps_per_s")
     rows = []
@@ -434,6 +440,8 @@ def main() -> None:
             throughput_ratio=snap["steps_per_s"] / none if none else None,
             copy_gbps=ours_bw,
             copy_bw_ratio=ours_bw / summary["plain_copy_gbps"],
+            copy_gbps_shm=gbps(idle_bytes, shm_s),
+            copy_bw_ratio_shm=shm_plain_s / shm_s,
             checksum_gbps=gbps(snap["copied_bytes"], snap["checksum_s"]),
         )
         if "dcp_async" in results:
@@ -459,6 +467,7 @@ def main() -> None:
         targets.append(["blocked vs DCP async_save, hook (<= 0.10)", f"{summary['hook_blocked_ratio_vs_dcp']:.3f}"])
     if "copy_bw_ratio" in summary:
         targets.append(["copy + checksum bandwidth vs plain copy (>= 0.70)", f"{summary['copy_bw_ratio']:.3f} ({summary['copy_gbps']:.2f} vs {summary['plain_copy_gbps']:.2f} GB/s)"])
+        targets.append(["the same into /dev/shm segments, as the agent's (>= 0.70)", f"{summary['copy_bw_ratio_shm']:.3f} ({summary['copy_gbps_shm']:.2f} GB/s)"])
         targets.append(["copy + checksum bandwidth while training runs, GB/s", f"{summary['copy_gbps_during_training']:.2f}"])
         targets.append([f"checksum ({SnapshotPolicy().checksum}) bandwidth, GB/s", f"{summary['checksum_gbps']:.2f}"])
     print(markdown_table(["target", "measured"], targets, right=[False, True]))

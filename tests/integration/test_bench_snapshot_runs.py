@@ -35,7 +35,7 @@ def test_bench_snapshot_runs_every_mode(tmp_path: Path) -> None:
     assert set(record["results"]) == set(MODES.split(","))
     for mode in ("snapshot", "snapshot_yield", "snapshot_shm", "hook", "hook_yield"):
         assert record["results"][mode]["completed"] >= 2, mode  # every measured step was snapshotted
-    assert record["summary"]["copy_bw_ratio"] > 0
+    assert record["summary"]["copy_bw_ratio"] > 0 and record["summary"]["copy_bw_ratio_shm"] > 0
     assert _shm() == before, "the benchmark left shared-memory segments behind"
 
 
