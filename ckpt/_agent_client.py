@@ -86,6 +86,17 @@ class AgentClient:
             raise AgentUnavailableError(f"agent of rank {self.rank} refused {req.get('op')}: {resp.get('error')}")
         return resp
 
+    def send(self, req: dict[str, Any], timeout: float = 5.0) -> None:
+        """Send one request and do not wait for the answer (the agent still acts on it).
+
+        Raises:
+            OSError: no agent listens, or the request could not be sent within ``timeout``.
+        """
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.socket_path))
+            s.sendall(json.dumps(req).encode() + b"\n")
+
     def ping(self, timeout: float = 2.0) -> Optional[int]:
         """The pid of the live agent answering on this rank's channel, or None."""
         try:

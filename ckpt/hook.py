@@ -532,10 +532,12 @@ class CheckpointHook:
             self._pins.pop(step).release()
 
     def _notify_persist(self) -> None:
-        """Tell the agent a snapshot to persist is waiting (it copies it before answering)."""
+        """Tell the agent a snapshot to persist is waiting, without waiting for it: it copies
+        the snapshot and then writes ``persist-ack-rR``, which keeps the slot pinned until then
+        (a slow or stopped agent must not hold up publishing)."""
         try:
-            self._request({"op": "persist"}, timeout=self.persist_wait_s)
-        except (OSError, ValueError, AgentUnavailableError) as e:
+            self._client.send({"op": "persist"}, timeout=min(5.0, self.persist_wait_s))
+        except OSError as e:
             log.warning("rank %s: agent did not take the snapshot to persist: %r", self.rank, e)
 
     def _wait_persist_ack(self) -> bool:

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from ckpt.hook import CheckpointHook
 from ckpt.layout import Layout
 from ckpt.rules import Fused, Pipeline, Replicated, Rules, Split
+from ckpt.snapshot import SnapshotPolicy
 
 log = logging.getLogger("train_gpt")
 
@@ -437,6 +438,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     ap.add_argument("--grace-s", type=float, default=30.0, help="how long an agent keeps the snapshots after its trainer died or exited")
     ap.add_argument("--loss-file", default=None, help="rank 0 appends one JSON line {step, loss} per step")
+    ap.add_argument("--backpressure", choices=("skip", "wait"), default="skip",
+                    help="when every snapshot slot is busy (the agent is behind): skip that step's snapshot (default: training never waits) or wait for a slot")
     return ap.parse_args(argv)
 
 
@@ -475,7 +478,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     # persist_every on every rank; replicas are written once)
     state = {"model": model, "optim": opt, "sched": sched}
     hook = CheckpointHook(
-        state=state, storage=a.storage, run_dir=run_dir, persist_every=a.persist_every, rules=gpt_rules(cfg), layout=par.layout, rank=rank, grace_s=a.grace_s
+        state=state, storage=a.storage, run_dir=run_dir, persist_every=a.persist_every, rules=gpt_rules(cfg), layout=par.layout, rank=rank, grace_s=a.grace_s,
+        policy=SnapshotPolicy(backpressure=a.backpressure),
     )
     losses = open(a.loss_file, "a") if a.loss_file and rank == 0 else None
     try:

@@ -86,7 +86,10 @@ class SnapshotEngine:
         self._cond = threading.Condition()
         self._flags = threading.Condition()  # the tensors' done/issued flags (see Flag)
         self._queue: collections.deque[Job] = collections.deque()
-        self._inflight: list[Job] = []
+        self._inflight: list[Job] = []  # queued or being copied
+        self._publishing: collections.deque[tuple[Job, Snapshot]] = collections.deque()  # copied, on_complete pending
+        self._copier_done = False
+        self._publisher: Optional[threading.Thread] = None
         self._latest: Optional[Slot] = None
         self._error: Optional[BaseException] = None
         self._failures = 0
@@ -114,6 +117,9 @@ class SnapshotEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="ckpt-snapshot-copier", daemon=True)
             self._thread.start()
+            if self._on_complete is not None:
+                self._publisher = threading.Thread(target=self._publish_loop, name="ckpt-snapshot-publisher", daemon=True)
+                self._publisher.start()
         return self
 
     def close(self, timeout: Optional[float] = None) -> None:
@@ -128,6 +134,13 @@ class SnapshotEngine:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 raise TimeoutError(f"snapshot copier did not finish within {timeout} s")
+        with self._cond:
+            self._copier_done = True
+            self._cond.notify_all()
+        if self._publisher is not None:
+            self._publisher.join(timeout)
+            if self._publisher.is_alive():
+                raise TimeoutError(f"snapshot publisher did not finish within {timeout} s")
         self._closed = True
         self._yield.restore()
         for h in self._hooks:
@@ -197,7 +210,7 @@ class SnapshotEngine:
                     slot = self._free_slot()
             if slot is None:
                 self.stats["skipped"] += 1
-                log.warning("snapshot of step %d skipped: both snapshot buffers are busy (policy %s)", step, self.policy.backpressure)
+                log.warning("snapshot of step %d skipped: every snapshot slot is busy (copying, or pinned until published or persisted; policy %s)", step, self.policy.backpressure)
                 return False
             job = Job(step, slot, entries, offset, flat.tree, frozenset(flat.ndarrays), ready)
             job.host_pending = any(not e.cuda for e in entries)
@@ -234,8 +247,8 @@ class SnapshotEngine:
 
     # ---------------------------------------------------------------- waiting
     def wait(self, timeout: Optional[float] = None) -> None:
-        """Block until every snapshot in flight is copied and checksummed; re-raise a latched
-        copier error (once).
+        """Block until every snapshot in flight is copied and checksummed (and handed to
+        ``on_complete``, if any); re-raise a latched copier error (once).
 
         Raises:
             TimeoutError: still copying after ``timeout`` seconds.
@@ -243,7 +256,7 @@ class SnapshotEngine:
         t0 = time.perf_counter()
         try:
             with self._cond:
-                jobs = list(self._inflight)
+                jobs = list(self._inflight) + [j for j, _ in self._publishing]
             deadline = None if timeout is None else time.monotonic() + timeout
             for job in jobs:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -355,6 +368,7 @@ class SnapshotEngine:
                 if not self._queue:
                     return
                 job = self._queue.popleft()
+            handed = False  # to the publisher, which finishes the job
             try:
                 self._copy(job)
             except BaseException as e:  # latched; the training thread decides at snapshot()/wait()
@@ -383,18 +397,37 @@ class SnapshotEngine:
                     self._failures = 0
                     self.stats["completed"] += 1
                     self._inflight.remove(job)
-                    pinned = None
                     if self._on_complete is not None:
+                        # published by its own thread: a slow or hung consumer (the agent) must
+                        # not hold up the next copy, which the optimizer's guard may wait for
                         job.slot.pins += 1
                         pinned = Snapshot(job, self.policy.checksum, lambda slot=job.slot: self._unpin(slot))
+                        self._publishing.append((job, pinned))
+                        handed = True
                     self._cond.notify_all()
-                if pinned is not None:
-                    try:
-                        self._on_complete(pinned)  # type: ignore[misc]
-                    except Exception:
-                        log.exception("on_complete callback failed for the snapshot of step %d", job.step)
-                        pinned.release()
             finally:
+                if not handed:
+                    job.finished.set()
+
+    def _publish_loop(self) -> None:
+        """Hand each completed snapshot to ``on_complete``, in order; the job is finished (for
+        ``wait()``) once it returns."""
+        while True:
+            with self._cond:
+                while not self._publishing and not (self._stop and self._copier_done):
+                    self._cond.wait()
+                if not self._publishing:
+                    return
+                job, pinned = self._publishing[0]
+            try:
+                self._on_complete(pinned)  # type: ignore[misc]
+            except Exception:
+                log.exception("on_complete callback failed for the snapshot of step %d", job.step)
+                pinned.release()
+            finally:
+                with self._cond:
+                    self._publishing.popleft()
+                    self._cond.notify_all()
                 job.finished.set()
 
     def _copy(self, job: Job) -> None:

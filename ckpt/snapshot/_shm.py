@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import mmap
 import os
 from multiprocessing import resource_tracker, shared_memory
@@ -26,6 +27,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ckpt.snapshot._buffers import SnapshotBuffers, prefault
+
+log = logging.getLogger("ckpt.snapshot")
 
 __all__ = [
     "SharedMemoryBuffers",
@@ -151,7 +154,12 @@ class SharedMemoryBuffers(SnapshotBuffers):
             for a segment of at least ``nbytes`` for ``slot``; it may return the slot's current
             segment when large enough.
         slot_map: engine slot index -> owner slot index (lets a restarted trainer keep off the
-            slot that holds the snapshot it restored from).
+            slot that holds the snapshot it restored from); its keys are the engine's slots.
+
+    The first allocation also creates every engine slot of ``slot_map`` not created yet, at the
+    same size: later snapshots then reuse slots that exist and never wait for the owner, so a
+    busy or hung agent cannot hold up a copy (which the optimizer's guard may be waiting for).
+    Only a state that grows asks the owner again.
     """
 
     def __init__(self, allocate_fn: Callable[[int, int], str], slot_map: Optional[dict[int, int]] = None) -> None:
@@ -172,6 +180,16 @@ class SharedMemoryBuffers(SnapshotBuffers):
         if cur is not None and cur.size >= nbytes:
             return cur
         del cur
+        arr = self._allocate_one(slot, nbytes)
+        for other in self._slot_map:  # the slots not created yet: nothing lives in them
+            if other not in self._arrays:
+                try:
+                    self._allocate_one(other, nbytes)
+                except Exception as e:  # asked again when that slot is first used
+                    log.warning("could not create snapshot slot %d ahead of use: %r", other, e)
+        return arr
+
+    def _allocate_one(self, slot: int, nbytes: int) -> np.ndarray:
         self.free(slot)
         name = self._allocate_fn(self.owner_slot(slot), nbytes)
         seg = attach_segment(name)

@@ -302,3 +302,64 @@ def test_agent_store_port_is_outside_the_ephemeral_range_and_a_taken_one_is_name
         busy = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"port {busy}.*store_port"):
             other.open_store("127.0.0.1", busy)
+
+
+def test_a_stopped_agent_never_holds_up_training(tmp_path: Path, caplog: Any) -> None:
+    """SIGSTOP the agent mid-run (it neither answers nor copies): the training loop goes on,
+    snapshots it cannot take are skipped and logged, nothing waits on the agent; after SIGCONT
+    snapshots are published and persisted again. (If a step waited on the stopped agent, the
+    loop would never reach the SIGCONT: a watchdog continues the agent after a generous
+    deadline and the test fails.)"""
+    import logging
+    import threading
+
+    import ckpt
+    from ckpt.hook import CheckpointHook
+
+    caplog.set_level(logging.WARNING, logger="ckpt")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters())
+    run, store = tmp_path / "run", tmp_path / "store"
+    # persist_wait_s longer than the watchdog: a publish waiting on the agent would show
+    hook = CheckpointHook({"model": model, "optim": opt}, storage=str(store), run_dir=str(run), persist_every=2, grace_s=60, persist_wait_s=2 * DEADLINE)
+
+    def train(steps: range) -> None:
+        for step in steps:
+            model(torch.randn(8, 64)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            hook.step(step)
+
+    agent, rescued = None, threading.Event()
+    try:
+        with hook:
+            assert hook.restore() == 0
+            train(range(0, 1))  # one snapshot: the agent has made the slots (and persisted it)
+            hook.wait()
+            agent = hook.agent_pid()
+            assert agent is not None
+            os.kill(agent, signal.SIGSTOP)
+
+            def watchdog() -> None:
+                if not done_stopped.wait(DEADLINE):
+                    rescued.set()
+                    os.kill(agent, signal.SIGCONT)
+
+            done_stopped = threading.Event()
+            threading.Thread(target=watchdog, daemon=True).start()
+            train(range(1, 40))  # the agent is stopped all along
+            done_stopped.set()
+            assert not rescued.is_set(), "a training step waited for the stopped agent"
+            published = hook.stats["published"]
+            os.kill(agent, signal.SIGCONT)
+            train(range(40, 60))
+            hook.wait()
+            assert hook.stats["published"] > published
+        assert "skipped" in caplog.text
+        assert _wait(lambda: any(s >= 40 for s in ckpt.list_steps(str(store)))), ckpt.list_steps(str(store))
+    finally:
+        if agent is not None:
+            os.kill(agent, signal.SIGCONT)
+            _stop(agent)
+    assert _wait(lambda: _shm(run) == [], 10), _shm(run)

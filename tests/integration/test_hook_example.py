@@ -29,7 +29,9 @@ import _procs  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "train_gpt.py"
 DEADLINE = 300.0  # hang guard of one run; a run takes seconds
-SMALL = ["--ctx", "16", "--batch", "4"]
+# steps take milliseconds here, faster than the agents persist: wait for a slot rather than skip
+# a snapshot, so that every persist step is handed over and the persisted steps are known
+SMALL = ["--ctx", "16", "--batch", "4", "--backpressure", "wait"]
 
 
 def _env() -> dict[str, str]:

@@ -31,6 +31,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from ckpt.hook import CheckpointHook
+    from ckpt.snapshot import SnapshotPolicy
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     torch.manual_seed(0)
@@ -47,6 +48,9 @@ def _train(args: argparse.Namespace) -> int:
         run_dir=args.run_dir,
         persist_every=args.persist_every,
         grace_s=args.grace_s,
+        # every step snapshotted, every persist step handed over: wait for a slot rather than
+        # skip when the agent lags (its first save imports and warms up while steps take ms)
+        policy=SnapshotPolicy(backpressure="wait"),
     )
     out = open(args.out, "a")
     with hook:
