@@ -58,12 +58,14 @@ class SnapshotEngine:
         policy: back-pressure and failure policy.
         copy_fn: copies one tensor's bytes (``numpy.copyto`` by default; tests slow it down).
         slots: number of slots (2: double buffering).
-        on_complete: called on the copier thread with each snapshot as soon as it is
-            complete, pinned; the callee owns that pin and must ``release()`` it (it may keep
-            it, e.g. to publish it; the slot is not reused while pinned). Exceptions from it
-            are logged, never raised into training.
+        on_complete: called with each snapshot once it is complete, pinned, in step order, on a
+            publisher thread of its own (so a slow callee, e.g. one waiting on the agent, never
+            holds up the next copy, which the optimizer's guard may wait for); the callee owns
+            that pin and must ``release()`` it (it may keep it, e.g. to publish it; the slot is
+            not reused while pinned). Exceptions from it are logged, never raised into training.
 
-    ``start()`` starts the copier thread; ``close()`` is mandatory (or use ``with``).
+    ``start()`` starts the copier thread (and the publisher with ``on_complete``); ``close()``
+    is mandatory (or use ``with``).
     """
 
     def __init__(
