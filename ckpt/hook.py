@@ -12,7 +12,7 @@ of this rank's live agent (no storage I/O), else the latest committed checkpoint
 ``storage`` (``ckpt.load``), else nothing; it returns the step to start at (the restored step
 plus one, or 0). ``step()`` hands the state to a ``SnapshotEngine`` whose slots are segments the
 agent created; each snapshot is published in the run directory's slot table (written last,
-atomically) by the copier thread as soon as its copy is complete, so a trainer killed right
+atomically) by the engine's publisher thread as soon as its copy is complete, so a trainer killed right
 after a copy finished loses nothing. Under ``torch.distributed`` the table also names the
 snapshot before the latest (both kept intact), so ranks that died one step apart still share a
 step to restore. Shared memory per rank: 3 state-sized slots for one process, 4 under
@@ -193,7 +193,7 @@ class CheckpointHook:
         self._job: dict[str, Any] = {}  # how the agents persist: see _setup_job
         self._store_port = store_port  # the first one asked for; then the one it got
         self._engine_token: Optional[object] = None  # on_complete of an older engine is ignored
-        # publication state, owned by the copier thread's on_complete (under _lock)
+        # publication state, owned by the engine's publisher thread (on_complete, under _lock)
         self._lock = threading.Lock()
         self._pins: dict[int, Snapshot] = {}  # step -> pinned snapshot
         self._latest: Optional[dict[str, Any]] = None  # table entry of the latest published
@@ -485,7 +485,7 @@ class CheckpointHook:
         if self._engine is not None:
             self._engine.wait(timeout)  # on_complete (publishing) runs before a job is finished
 
-    # ------------------------------------------------------------ publishing (copier thread)
+    # ------------------------------------------------------------ publishing (the engine's publisher thread)
     def _on_complete(self, snap: Snapshot, token: object) -> None:
         """The engine's ``on_complete``: publish ``snap`` (we own its pin) at once."""
         try:
