@@ -129,20 +129,14 @@ class SnapshotEngine:
         Idempotent. A latched error not yet surfaced is logged."""
         if self._closed:
             return
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise TimeoutError(f"snapshot copier did not finish within {timeout} s")
-        with self._cond:
-            self._copier_done = True
-            self._cond.notify_all()
-        if self._publisher is not None:
-            self._publisher.join(timeout)
-            if self._publisher.is_alive():
-                raise TimeoutError(f"snapshot publisher did not finish within {timeout} s")
+        for flag, thread in (("_stop", self._thread), ("_copier_done", self._publisher)):
+            with self._cond:  # the copier drains its queue, then the publisher its own
+                setattr(self, flag, True)
+                self._cond.notify_all()
+            if thread is not None:
+                thread.join(timeout)
+                if thread.is_alive():
+                    raise TimeoutError(f"snapshot thread {thread.name} did not finish within {timeout} s")
         self._closed = True
         self._yield.restore()
         for h in self._hooks:
